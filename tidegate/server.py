@@ -1,0 +1,105 @@
+"""gRPC server bootstrap shared by the router and the model nodes.
+
+Every server gets the standard health service and reflection, rejects
+unparsable requests with INVALID_ARGUMENT (``PayloadGuard``), binds the port it
+is given (0 = any free port, reported back) and stops gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tidegate.errors import PayloadGuard
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Service:
+    """One servicer to mount: the generated ``add_*_to_server`` and its full name."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    name: str  # e.g. "tidegate.v1.Router", from the generated DESCRIPTOR
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    host: str
+    health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def stop(self, grace: float = GRACE_SECONDS) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"address must look like HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+async def start_server(services: Sequence[Service], address: str) -> RunningServer:
+    """Start an aio server on ``address`` (port 0 picks a free port)."""
+    server = grpc.aio.server(
+        interceptors=[PayloadGuard()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    for service in services:
+        service.add_to_server(service.servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [s.name for s in services]
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    host, _ = split_address(address)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}: is the port in use?")
+    await server.start()
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d", ", ".join(names), host, port)
+    return RunningServer(server=server, port=port, host=host, health=health_servicer)
+
+
+async def wait_for_health(address: str, timeout: float = 30.0, service: str = "") -> None:
+    """Block until ``address`` answers SERVING on the standard health service."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if loop.time() > deadline:
+                raise TimeoutError(f"{address} did not become healthy within {timeout:.0f}s")
+            await asyncio.sleep(0.1)

@@ -1,0 +1,137 @@
+from tidegate.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_UNSPECIFIED: _ClassVar[Tier]
+    TIER_EDGE: _ClassVar[Tier]
+    TIER_CLOUD: _ClassVar[Tier]
+    TIER_CACHE: _ClassVar[Tier]
+
+class EscalationCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ESCALATION_CODE_NONE: _ClassVar[EscalationCode]
+    ESCALATION_CODE_LOW_CONFIDENCE: _ClassVar[EscalationCode]
+    ESCALATION_CODE_OVER_EDGE_BUDGET: _ClassVar[EscalationCode]
+    ESCALATION_CODE_EDGE_UNAVAILABLE: _ClassVar[EscalationCode]
+    ESCALATION_CODE_EDGE_TRUNCATED: _ClassVar[EscalationCode]
+TIER_UNSPECIFIED: Tier
+TIER_EDGE: Tier
+TIER_CLOUD: Tier
+TIER_CACHE: Tier
+ESCALATION_CODE_NONE: EscalationCode
+ESCALATION_CODE_LOW_CONFIDENCE: EscalationCode
+ESCALATION_CODE_OVER_EDGE_BUDGET: EscalationCode
+ESCALATION_CODE_EDGE_UNAVAILABLE: EscalationCode
+ESCALATION_CODE_EDGE_TRUNCATED: EscalationCode
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("messages", "sampling", "tenant", "tags", "min_confidence", "request_id")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
+    sampling: _common_pb2.SamplingParams
+    tenant: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    min_confidence: float
+    request_id: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., min_confidence: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("total_ms", "edge_ms", "cloud_ms", "router_overhead_ms")
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    EDGE_MS_FIELD_NUMBER: _ClassVar[int]
+    CLOUD_MS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_OVERHEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    total_ms: float
+    edge_ms: float
+    cloud_ms: float
+    router_overhead_ms: float
+    def __init__(self, total_ms: _Optional[float] = ..., edge_ms: _Optional[float] = ..., cloud_ms: _Optional[float] = ..., router_overhead_ms: _Optional[float] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("text", "tier", "source_tier", "confidence", "estimator", "threshold", "escalation_code", "escalation_reason", "usage", "timings", "finish_reason", "model", "request_id", "policy_version", "flags")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TIER_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_CODE_FIELD_NUMBER: _ClassVar[int]
+    ESCALATION_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    tier: Tier
+    source_tier: Tier
+    confidence: float
+    estimator: str
+    threshold: float
+    escalation_code: EscalationCode
+    escalation_reason: str
+    usage: _common_pb2.Usage
+    timings: Timings
+    finish_reason: _common_pb2.FinishReason
+    model: str
+    request_id: str
+    policy_version: str
+    flags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, text: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., source_tier: _Optional[_Union[Tier, str]] = ..., confidence: _Optional[float] = ..., estimator: _Optional[str] = ..., threshold: _Optional[float] = ..., escalation_code: _Optional[_Union[EscalationCode, str]] = ..., escalation_reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GenerateEvent(_message.Message):
+    __slots__ = ("delta", "response")
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    delta: str
+    response: GenerateResponse
+    def __init__(self, delta: _Optional[str] = ..., response: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("name", "address", "tier", "healthy", "model", "last_error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    address: str
+    tier: str
+    healthy: bool
+    model: str
+    last_error: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., healthy: _Optional[bool] = ..., model: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("nodes", "cache_entries", "cache_hits", "cache_misses", "policy_version")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    cache_entries: int
+    cache_hits: int
+    cache_misses: int
+    policy_version: str
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., cache_entries: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
