@@ -1,0 +1,131 @@
+"""Loading YAML configuration into pydantic models, failing early and precisely.
+
+House rules for every settings class: ``extra="forbid"`` (a typo is an error,
+not a silently ignored key), a default, bounds and a docstring on every field.
+Nothing here reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tidegate.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelSettings(StrictModel):
+    """Which model a node serves and how it is loaded."""
+
+    source: str = Field(default="smollm2-135m", min_length=1)
+    """A bundled model name (see `tidegate models`), a Hugging Face model id,
+    a local folder with a transformers model, or a path to a .gguf file."""
+
+    gguf_file: str | None = None
+    """With a Hugging Face id or folder that holds GGUF files: which file to load."""
+
+    revision: str | None = None
+    """Hugging Face revision (branch, tag or commit) for hub ids."""
+
+    quantization: Literal["none", "int8", "bf16"] = "int8"
+    """`int8`: int8 weight-only linears with bf16 activations; `bf16`: all
+    weights in bf16; `none`: fp32 as loaded."""
+
+    threads: int | None = Field(default=None, ge=1, le=256)
+    """torch intra-op threads; default: all cores."""
+
+    cache_dir: str | None = None
+    """Where converted (GGUF → safetensors) models are kept; default
+    $TIDEGATE_CACHE_DIR or ~/.cache/tidegate."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        lines.append(f"  {_field_path(err['loc'])}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        node = data.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"environment override {'.'.join(path)}: {key} is not a section")
+        data = node
+    data[path[-1]] = value
+
+
+def env_overrides(prefix: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    """``PREFIX__CACHE__URL=redis://…`` → ``{"cache": {"url": "redis://…"}}``.
+
+    Values are parsed as YAML scalars, so ``0.7`` is a number and ``true`` a bool.
+    """
+    overrides: dict[str, Any] = {}
+    marker = prefix.upper() + "__"
+    for name, raw in environ.items():
+        if name.startswith(marker):
+            path = [part.lower() for part in name[len(marker) :].split("__")]
+            _set_path(overrides, path, yaml.safe_load(raw) if raw else raw)
+    return overrides
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    cls: type[M],
+    path: str | Path | None = None,
+    *,
+    env_prefix: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> M:
+    """Read ``path`` (or nothing: all defaults), apply env overrides, validate.
+
+    Raises ConfigError whose message names the file and every bad field.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded
+    if env_prefix:
+        overrides = env_overrides(env_prefix, os.environ if environ is None else environ)
+        if overrides:
+            data = _merge(data, overrides)
+            source += f" (with {env_prefix.upper()}__* environment overrides)"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from exc
