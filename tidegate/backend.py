@@ -35,9 +35,14 @@ class Generation:
     generation_ms: float = 0.0
     queue_ms: float = 0.0
     token_texts: list[str] = field(default_factory=list)
+    # The serving engine's own count, for remote backends that report usage but
+    # not token ids (OpenAI-compatible servers); None: count ``token_ids``.
+    reported_completion_tokens: int | None = None
 
     @property
     def completion_tokens(self) -> int:
+        if self.reported_completion_tokens is not None:
+            return self.reported_completion_tokens
         return len(self.token_ids)
 
 

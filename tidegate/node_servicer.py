@@ -54,13 +54,14 @@ def response_to_pb(
     if confidence is not None:
         pb.confidence.CopyFrom(confidence)
     if return_tokens:
-        entropies = generation.entropies or [0.0] * len(generation.token_ids)
-        texts = generation.token_texts or [""] * len(generation.token_ids)
+        # Remote backends may know each token's text and log-prob but not its id.
+        count = len(generation.logprobs)
+        ids = generation.token_ids or [0] * count
+        entropies = generation.entropies or [0.0] * count
+        texts = generation.token_texts or [""] * count
         pb.tokens.extend(
             common_pb2.TokenInfo(id=i, text=t, logprob=lp, entropy=h)
-            for i, t, lp, h in zip(
-                generation.token_ids, texts, generation.logprobs, entropies, strict=True
-            )
+            for i, t, lp, h in zip(ids, texts, generation.logprobs, entropies, strict=True)
         )
     return pb
 
