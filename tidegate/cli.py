@@ -1,0 +1,304 @@
+"""The `tidegate` command line.
+
+Heavy modules (torch, transformers, the node packages) are imported inside the
+subcommands that need them, so `tidegate ask` starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import grpc
+
+from tidegate.errors import ConfigError
+
+DEFAULT_ROUTER = "127.0.0.1:50051"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+# ---------------------------------------------------------------- serve ----
+
+
+async def _serve(role: str, config: str | None) -> None:
+    from tidegate.config import load_config
+
+    running: list = []
+    if role == "edge":
+        from edge_node.service import serve_edge
+        from edge_node.settings import EdgeSettings
+
+        running.append(await serve_edge(load_config(EdgeSettings, config, env_prefix="TIDEGATE_EDGE")))
+    elif role == "cloud":
+        from cloud_node.service import serve_cloud
+        from cloud_node.settings import CloudSettings
+
+        settings = load_config(CloudSettings, config, env_prefix="TIDEGATE_CLOUD")
+        running.append(await serve_cloud(settings))
+    else:
+        from router.service import serve_router
+        from router.settings import RouterSettings
+
+        settings = load_config(RouterSettings, config, env_prefix="TIDEGATE_ROUTER")
+        running.append(await serve_router(settings))
+    print(f"tidegate {role} serving on {running[0].address}", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        for server in running:
+            await server.stop()
+
+
+# ------------------------------------------------------------------ up -----
+
+
+async def start_local_stack(config_dir: str | None = None, log=print):  # type: ignore[no-untyped-def]
+    """Start cloud, edge and router in this process (the `tidegate up` topology).
+
+    Returns the running servers, router last. Config files `cloud.yaml`,
+    `edge.yaml` and `router.yaml` in ``config_dir`` override the defaults.
+    """
+    from pathlib import Path
+
+    from cloud_node.service import serve_cloud
+    from cloud_node.settings import CloudSettings
+    from edge_node.service import serve_edge
+    from edge_node.settings import EdgeSettings
+    from router.service import serve_router
+    from router.settings import RouterSettings
+    from tidegate.config import load_config
+
+    def path(name: str) -> Path | None:
+        if config_dir is None:
+            return None
+        candidate = Path(config_dir) / name
+        return candidate if candidate.exists() else None
+
+    cloud_settings = load_config(CloudSettings, path("cloud.yaml"), env_prefix="TIDEGATE_CLOUD")
+    edge_settings = load_config(EdgeSettings, path("edge.yaml"), env_prefix="TIDEGATE_EDGE")
+    router_settings = load_config(RouterSettings, path("router.yaml"), env_prefix="TIDEGATE_ROUTER")
+    servers = []
+    try:
+        log(f"loading cloud model {cloud_settings.model.source} …")
+        servers.append(await serve_cloud(cloud_settings))
+        log(f"cloud node ready on {servers[-1].address}")
+        log(f"loading edge model {edge_settings.model.source} ({edge_settings.model.quantization}) …")
+        servers.append(await serve_edge(edge_settings))
+        log(f"edge node ready on {servers[-1].address}")
+        servers.append(await serve_router(router_settings))
+    except BaseException:
+        for server in reversed(servers):
+            await server.stop(0)
+        raise
+    return servers
+
+
+async def _up(config_dir: str | None) -> None:
+    servers = await start_local_stack(config_dir, log=lambda m: print(m, flush=True))
+    print(f"router listening on {servers[-1].address}", flush=True)
+    print(f"try: tidegate ask --router {servers[-1].address} 'What is the capital of France?'")
+    try:
+        await _wait_for_signal()
+    finally:
+        for server in reversed(servers):
+            await server.stop()
+
+
+# ----------------------------------------------------------------- ask -----
+
+
+def _ask_request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from tidegate.chat import SamplingParams
+    from tidegate.client import build_request
+
+    sampling = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    return build_request(
+        args.question,
+        system=args.system,
+        min_confidence=args.min_confidence,
+        sampling=sampling,
+        tenant=args.tenant,
+        tags=args.tag,
+    )
+
+
+async def _ask(args: argparse.Namespace) -> int:
+    from tidegate.client import RouterClient, response_to_dict
+
+    request = _ask_request(args)
+    async with RouterClient(args.router, timeout_s=args.timeout) as client:
+        if args.stream:
+            final = None
+            async for event in client.stream(request):
+                if event.HasField("response"):
+                    final = event.response
+                elif not args.json:
+                    print(event.delta, end="", flush=True)
+            if final is None:
+                print("error: the stream ended without a final response", file=sys.stderr)
+                return 1
+            response = final
+            if not args.json:
+                print()
+        else:
+            response = await client.generate(request)
+    data = response_to_dict(response)
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False))
+        return 0
+    if not args.stream:
+        print(data["text"])
+    reason = f" — escalated: {data['escalation_reason']}" if data["escalation_reason"] else ""
+    print(
+        f"[{data['tier']}"
+        + (f" (from {data['source_tier']})" if data["source_tier"] else "")
+        + f" · confidence {data['confidence']:.3f} by {data['estimator'] or '-'}"
+        + f" · {data['timings_ms']['total']:.0f} ms{reason}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# -------------------------------------------------------------- others -----
+
+
+async def _health(address: str, timeout: float) -> int:
+    from tidegate.server import wait_for_health
+
+    try:
+        await wait_for_health(address, timeout=timeout)
+    except TimeoutError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    print(f"{address} SERVING")
+    return 0
+
+
+async def _status(address: str, as_json: bool) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from tidegate.client import RouterClient
+
+    async with RouterClient(address, timeout_s=10) as client:
+        status = await client.status()
+    data = MessageToDict(status, preserving_proto_field_name=True)
+    if as_json:
+        print(json.dumps(data))
+        return 0
+    print(f"policy {status.policy_version}")
+    for node in status.nodes:
+        state = "healthy" if node.healthy else f"UNHEALTHY ({node.last_error})"
+        print(f"  {node.tier:5} {node.name:12} {node.address:22} {node.model:40} {state}")
+    print(f"cache: {status.cache_entries} entries, {status.cache_hits} hits, "
+          f"{status.cache_misses} misses")
+    return 0
+
+
+def _models() -> int:
+    from tidegate.inference.bundled import list_bundled
+
+    for model in list_bundled():
+        print(model.describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidegate", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run cloud, edge and router locally (bundled models)")
+    up.add_argument("--config-dir", help="folder with cloud.yaml / edge.yaml / router.yaml")
+
+    demo = sub.add_parser("demo", help="start the local stack and show edge, escalation, cache")
+    demo.add_argument("--config-dir", help="folder with cloud.yaml / edge.yaml / router.yaml")
+
+    for role in ("router", "edge", "cloud"):
+        node = sub.add_parser(role, help=f"{role} node commands")
+        node_sub = node.add_subparsers(dest="action", required=True)
+        serve = node_sub.add_parser("serve", help=f"serve the {role} node")
+        serve.add_argument("--config", help="YAML config file (default: built-in defaults)")
+
+    ask = sub.add_parser("ask", help="ask the router a question")
+    ask.add_argument("question")
+    ask.add_argument("--router", default=DEFAULT_ROUTER, help="router HOST:PORT")
+    ask.add_argument("--min-confidence", type=float, help="override the policy threshold")
+    ask.add_argument("--max-new-tokens", type=int)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--seed", type=int)
+    ask.add_argument("--system", help="system prompt")
+    ask.add_argument("--tenant", default="")
+    ask.add_argument("--tag", action="append", default=[], help="request tag (repeatable)")
+    ask.add_argument("--stream", action="store_true", help="stream the answer")
+    ask.add_argument("--json", action="store_true", help="print one JSON object")
+    ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+
+    health = sub.add_parser("health", help="exit 0 when HOST:PORT reports SERVING")
+    health.add_argument("address")
+    health.add_argument("--timeout", type=float, default=5.0)
+
+    status = sub.add_parser("status", help="the router's view of nodes and cache")
+    status.add_argument("--router", default=DEFAULT_ROUTER)
+    status.add_argument("--json", action="store_true")
+
+    sub.add_parser("models", help="list bundled models and whether they are installed")
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.command == "up":
+            asyncio.run(_up(args.config_dir))
+        elif args.command == "demo":
+            from tidegate.demo import run_demo
+
+            return asyncio.run(run_demo(args.config_dir))
+        elif args.command in ("router", "edge", "cloud"):
+            asyncio.run(_serve(args.command, args.config))
+        elif args.command == "ask":
+            return asyncio.run(_ask(args))
+        elif args.command == "health":
+            return asyncio.run(_health(args.address, args.timeout))
+        elif args.command == "status":
+            return asyncio.run(_status(args.router, args.json))
+        elif args.command == "models":
+            return _models()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
