@@ -1,0 +1,1 @@
+"""The edge node: a small local model, a confidence estimator, a ModelNode server."""

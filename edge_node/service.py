@@ -1,0 +1,55 @@
+"""Wiring an edge node: model backend + estimator + limits → a running ModelNode server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from edge_node.estimators import build_estimator
+from edge_node.settings import EdgeSettings
+from tidegate.backend import ModelBackend
+from tidegate.node_servicer import ModelNodeServicer, NodeLimits
+from tidegate.server import RunningServer, start_server
+
+log = logging.getLogger(__name__)
+
+
+def build_edge_servicer(
+    settings: EdgeSettings, backend: ModelBackend | None = None
+) -> ModelNodeServicer:
+    """The edge ModelNodeServicer; loads the model from ``settings.model`` unless given one.
+
+    Loading is synchronous (seconds); inside an event loop prefer ``serve_edge``.
+    """
+    if backend is None:
+        from tidegate.inference import load_backend
+
+        backend = load_backend(settings.model)
+    return ModelNodeServicer(
+        backend,
+        role="edge",
+        estimator=build_estimator(settings.estimator),
+        limits=NodeLimits(
+            default_max_new_tokens=settings.default_max_new_tokens,
+            max_new_tokens_limit=settings.max_new_tokens_limit,
+        ),
+    )
+
+
+async def serve_edge(settings: EdgeSettings, backend: ModelBackend | None = None) -> RunningServer:
+    """Load the model (off the loop), start the edge node on ``settings.listen``."""
+    if backend is None:
+        from tidegate.inference import load_backend
+
+        backend = await asyncio.to_thread(load_backend, settings.model)
+    servicer = build_edge_servicer(settings, backend)
+    running = await start_server([servicer.service()], settings.listen)
+    info = backend.info
+    log.info(
+        "edge node %s (%s, estimator %s) on %s",
+        info.model,
+        info.quantization,
+        settings.estimator,
+        running.address,
+    )
+    return running

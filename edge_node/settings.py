@@ -1,0 +1,45 @@
+"""Edge node configuration (YAML + TIDEGATE_EDGE__* environment overrides)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from tidegate.config import ModelSettings, StrictModel
+
+
+class EdgeSettings(StrictModel):
+    """An edge node: which model, which confidence estimator, where to listen."""
+
+    listen: str = Field(default="127.0.0.1:50052", pattern=r"^.+:\d{1,5}$")
+    """HOST:PORT the ModelNode gRPC server binds (port 0 picks a free one)."""
+
+    model: ModelSettings = ModelSettings(source="smollm2-135m", quantization="int8")
+    """The local model: a bundled name, Hugging Face id, folder or .gguf path."""
+
+    estimator: str = "seq_prob"
+    """Confidence estimator whose score travels with every answer
+    (seq_prob | min_prob | quantile_prob | mean_entropy)."""
+
+    default_max_new_tokens: int = Field(default=256, ge=1, le=32768)
+    """New tokens generated when a request does not say."""
+
+    max_new_tokens_limit: int = Field(default=2048, ge=1, le=32768)
+    """Largest max_new_tokens a request may ask for (INVALID_ARGUMENT above it)."""
+
+    @field_validator("estimator")
+    @classmethod
+    def _known_estimator(cls, value: str) -> str:
+        from edge_node.estimators import ESTIMATORS
+
+        if value not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {value!r}; choose one of {', '.join(ESTIMATORS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> EdgeSettings:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) must not exceed "
+                f"max_new_tokens_limit ({self.max_new_tokens_limit})"
+            )
+        return self

@@ -1,0 +1,35 @@
+"""Shared fixtures. Real gRPC ModelNode servers over tiny random models (port 0).
+
+- ``tiny_edge_node``: role "edge", estimator seq_prob, default 16 new tokens.
+- ``tiny_cloud_node``: role "cloud", no estimator, seed 1 (answers differ from the edge).
+Both yield a ``tidegate.server.RunningServer``; connect to ``server.address``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.tiny_models import start_tiny_node  # noqa: E402
+
+
+@pytest.fixture
+async def tiny_edge_node():
+    server, backend = await start_tiny_node("edge", seed=0, estimator="seq_prob")
+    yield server
+    await server.stop(0)
+    await backend.close()
+
+
+@pytest.fixture
+async def tiny_cloud_node():
+    server, backend = await start_tiny_node("cloud", seed=1, estimator=None)
+    yield server
+    await server.stop(0)
+    await backend.close()

@@ -1,0 +1,272 @@
+"""A ModelBackend over a local transformers causal LM, with its own decode loop.
+
+Why not ``model.generate``: we want, per generated token, the log-probability
+of the chosen token and the entropy of the full next-token distribution (what
+the confidence estimators read), streaming with stop strings, and prompt
+cancellation — all cheaper to get right in one small loop.
+
+Threading: every torch call runs on one dedicated worker thread (a
+single-thread executor), so the asyncio loop (and grpc.aio) never blocks; an
+asyncio.Lock admits one generation at a time per model. Deltas cross from the
+worker to the loop with ``loop.call_soon_threadsafe`` into an asyncio.Queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tidegate.backend import BackendInfo, Generation
+from tidegate.chat import FinishReason, GenerationRequest
+from tidegate.errors import InvalidArgument
+from tidegate.inference.detokenize import IncrementalDecoder, StopTextBuffer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class _Cancelled(Exception):
+    """The stream's consumer went away; the worker stops at the next token."""
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One decoding step: the chosen token and what the estimators read about it."""
+
+    token_id: int
+    logprob: float  # log p(token) under the model (temperature 1), nats
+    entropy: float  # entropy of the model's next-token distribution, nats
+
+
+def token_signals(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 log-probabilities [vocab] and the distribution's entropy (scalar, nats)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [vocab]
+    entropy = torch.special.entr(logprobs.exp()).sum()  # -Σ p log p, 0·log 0 = 0
+    return logprobs, entropy
+
+
+def sample_token(
+    logprobs: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
+    """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling."""
+    if temperature <= 0.0:
+        return int(torch.argmax(logprobs))
+    probs = torch.softmax(logprobs / temperature, dim=-1)  # [vocab]
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)  # [vocab]
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [vocab]
+        sorted_probs[mass_before >= top_p] = 0.0  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a turn: the tokenizer's eos and the generation config's."""
+    ids: set[int] = set()
+    candidates: list[Any] = [tokenizer.eos_token_id]
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        candidates.append(generation_config.eos_token_id)
+    candidates.append(getattr(model.config, "eos_token_id", None))
+    for value in candidates:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, Iterable):
+            ids.update(int(v) for v in value if v is not None)
+    return frozenset(ids)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a worker's exception as seen (it is re-raised to a consumer that is still there)."""
+    if not future.cancelled():
+        future.exception()
+
+
+class TransformersBackend:
+    """Serves one loaded (model, tokenizer); see the module docstring for threading."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        context_length: int,
+        quantization: str,
+        threads: int | None = None,
+    ) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self._info = BackendInfo(
+            model=f"{model_id}/{quantization}",
+            context_length=context_length,
+            quantization=quantization,
+            backend="transformers",
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-torch")
+        self._lock = asyncio.Lock()
+
+    @property
+    def info(self) -> BackendInfo:
+        return self._info
+
+    # ---- asyncio side -------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        """The whole answer: drains ``stream()`` (one decode loop for both paths)."""
+        async for item in self.stream(request):
+            if isinstance(item, Generation):
+                return item
+        raise RuntimeError("the decode loop ended without a result")  # pragma: no cover
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
+        """Text deltas as they are decoded, then the final Generation.
+
+        If the consumer stops iterating (or its task is cancelled), the worker
+        stops at the next token.
+        """
+        arrived = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def emit(delta: str) -> None:  # runs on the worker thread
+            if cancel.is_set():
+                raise _Cancelled
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            except RuntimeError as exc:  # the loop is closed: nobody is listening
+                raise _Cancelled from exc
+
+        async with self._lock:
+            future = loop.run_in_executor(
+                self._executor, self._generate_sync, request, arrived, emit, cancel
+            )
+            future.add_done_callback(lambda f: (_retrieve(f), queue.put_nowait(done)))
+            try:
+                while (item := await queue.get()) is not done:
+                    yield item
+                yield future.result()
+            finally:
+                cancel.set()
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- worker thread --------------------------------------------------------------
+
+    def encode_prompt(self, request: GenerationRequest) -> list[int]:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        prompt = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        context = self._info.context_length
+        if prompt_tokens + max_new_tokens <= context:
+            return
+        room = context - prompt_tokens
+        advice = (
+            f"ask for at most {room} new tokens or shorten the conversation"
+            if room > 0
+            else "shorten the conversation (drop earlier turns or the system prompt)"
+        )
+        raise InvalidArgument(
+            f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}, "
+            f"but {self._info.model} has a context of {context} tokens; {advice}"
+        )
+
+    def _generate_sync(
+        self,
+        request: GenerationRequest,
+        arrived: float,
+        emit: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> Generation:
+        started = time.perf_counter()
+        sampling = request.sampling
+        max_new_tokens = sampling.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        prompt_ids = self.encode_prompt(request)
+        self._check_context(len(prompt_ids), max_new_tokens)
+
+        generator = None
+        if sampling.is_sampled:
+            generator = torch.Generator()
+            if sampling.seed is not None:
+                generator.manual_seed(sampling.seed)
+            else:
+                generator.seed()
+
+        decoder = IncrementalDecoder(self.tokenizer)
+        text = StopTextBuffer(sampling.stop)
+        steps: list[TokenStep] = []
+        finish = FinishReason.LENGTH
+        try:
+            for step in self._decode(prompt_ids, max_new_tokens, sampling, generator, cancel):
+                steps.append(step)
+                if step.token_id in self.eos_ids:
+                    finish = FinishReason.STOP
+                    break
+                if delta := text.push(decoder.push(step.token_id)):
+                    emit(delta)
+                if text.stopped:
+                    finish = FinishReason.STOP_SEQUENCE
+                    break
+            if not text.stopped:
+                if tail := text.push(decoder.flush()) + text.finish():
+                    emit(tail)
+        except _Cancelled:
+            log.info("generation %s cancelled after %d tokens", request.request_id, len(steps))
+            raise
+        ended = time.perf_counter()
+        token_ids = [s.token_id for s in steps]
+        return Generation(
+            text=text.text,
+            token_ids=token_ids,
+            logprobs=[s.logprob for s in steps],
+            entropies=[s.entropy for s in steps],
+            finish_reason=finish,
+            prompt_tokens=len(prompt_ids),
+            model=self._info.model,
+            generation_ms=(ended - started) * 1000.0,
+            queue_ms=(started - arrived) * 1000.0,
+            token_texts=[self.tokenizer.decode([t]) for t in token_ids],
+        )
+
+    @torch.inference_mode()
+    def _decode(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: Any,
+        generator: torch.Generator | None,
+        cancel: threading.Event,
+    ) -> Iterable[TokenStep]:
+        """Prefill, then one token at a time through the KV cache."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long)  # [1, prompt]
+        for _ in range(max_new_tokens):
+            if cancel.is_set():
+                raise _Cancelled
+            out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[0, -1]  # [vocab]
+            logprobs, entropy = token_signals(logits)
+            token_id = sample_token(logprobs, sampling.temperature, sampling.top_p, generator)
+            yield TokenStep(token_id, float(logprobs[token_id]), float(entropy))
+            input_ids = torch.tensor([[token_id]], dtype=torch.long)  # [1, 1]
