@@ -1,0 +1,199 @@
+"""Async gRPC clients for the model nodes (edge and cloud) the router calls.
+
+One grpc.aio channel per target, opened on first use (so a client can be built
+outside an event loop). Every call gets timeout = min(target timeout, what is
+left of the client's deadline). gRPC errors become two domain errors the
+pipeline acts on:
+
+* ``NodeRejected``: the node answered INVALID_ARGUMENT (the request does not
+  fit this node, e.g. a prompt over its context);
+* ``NodeUnavailable``: anything else (unreachable, timed out, crashed, cut
+  stream) — the node could not answer.
+
+Each client keeps a small health record for the Status RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from router.domain import NodeAnswer
+from tidegate.chat import ChatMessage, FinishReason, SamplingParams
+from tidegate.errors import DeadlineExceeded
+from tidegate.server import MAX_MESSAGE_BYTES
+from tidegate.v1 import model_node_pb2, model_node_pb2_grpc
+
+PROBE_TIMEOUT_S = 1.0  # Status probes must not make Status slow
+
+
+class NodeError(Exception):
+    def __init__(self, node: NodeClient, detail: str) -> None:
+        super().__init__(f"{node.tier} node {node.name} at {node.address}: {detail}")
+        self.node = node
+        self.detail = detail
+
+
+class NodeUnavailable(NodeError):
+    """The node could not answer: unreachable, too slow, failed, or cut a stream."""
+
+
+class NodeRejected(NodeError):
+    """The node refused the request as invalid (INVALID_ARGUMENT)."""
+
+
+@dataclass
+class NodeHealth:
+    """What Status reports about a node: the outcome of the last call or probe."""
+
+    healthy: bool = True  # optimistic until a call fails: nothing is known yet
+    model: str = ""
+    last_error: str = ""
+    last_ok: float | None = None  # wall-clock time of the last success
+    consecutive_failures: int = 0
+
+    def ok(self) -> None:
+        self.healthy = True
+        self.last_ok = time.time()
+        self.consecutive_failures = 0
+
+    def failed(self, detail: str) -> None:
+        self.healthy = False
+        self.last_error = detail
+        self.consecutive_failures += 1
+
+
+def _finish_reason(value: int) -> FinishReason | None:
+    try:
+        return FinishReason(value)
+    except ValueError:  # FINISH_REASON_UNSPECIFIED or a newer value
+        return None
+
+
+def _answer_from_pb(pb: model_node_pb2.NodeGenerateResponse, node: str) -> NodeAnswer:
+    has_confidence = pb.HasField("confidence")
+    return NodeAnswer(
+        text=pb.text,
+        finish_reason=_finish_reason(pb.finish_reason),
+        prompt_tokens=pb.usage.prompt_tokens,
+        completion_tokens=pb.usage.completion_tokens,
+        model=pb.model,
+        node=node,
+        confidence=pb.confidence.score if has_confidence else None,
+        estimator=pb.confidence.estimator if has_confidence else "",
+    )
+
+
+def node_request(
+    messages: tuple[ChatMessage, ...], sampling: SamplingParams, request_id: str
+) -> model_node_pb2.NodeGenerateRequest:
+    return model_node_pb2.NodeGenerateRequest(
+        messages=[m.to_pb() for m in messages],
+        sampling=sampling.to_pb(),
+        request_id=request_id,
+    )
+
+
+class NodeClient:
+    """A client for one configured ModelNode target."""
+
+    def __init__(self, name: str, address: str, tier: str, timeout_s: float) -> None:
+        self.name = name
+        self.address = address
+        self.tier = tier  # "edge" | "cloud"
+        self.timeout_s = timeout_s
+        self.health = NodeHealth()
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: model_node_pb2_grpc.ModelNodeStub | None = None
+
+    def _get_stub(self) -> model_node_pb2_grpc.ModelNodeStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(
+                self.address,
+                options=[
+                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ],
+            )
+            self._stub = model_node_pb2_grpc.ModelNodeStub(self._channel)
+        return self._stub
+
+    def _timeout(self, deadline: float | None) -> float:
+        """min(target timeout, time left before ``deadline`` on the loop clock)."""
+        if deadline is None:
+            return self.timeout_s
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise DeadlineExceeded(
+                f"the client's deadline passed before the {self.tier} node {self.name} "
+                "could be asked"
+            )
+        return min(self.timeout_s, left)
+
+    def _error(self, exc: grpc.aio.AioRpcError) -> NodeError:
+        detail = f"{exc.code().name}: {exc.details()}"
+        if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
+            # The node is up and answering; it just won't take this request.
+            self.health.ok()
+            return NodeRejected(self, exc.details() or "invalid argument")
+        self.health.failed(detail)
+        return NodeUnavailable(self, detail)
+
+    async def generate(
+        self, request: model_node_pb2.NodeGenerateRequest, deadline: float | None
+    ) -> NodeAnswer:
+        timeout = self._timeout(deadline)
+        try:
+            response = await self._get_stub().Generate(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        self.health.ok()
+        self.health.model = response.model or self.health.model
+        return _answer_from_pb(response, self.name)
+
+    async def stream(
+        self, request: model_node_pb2.NodeGenerateRequest, deadline: float | None
+    ) -> AsyncIterator[str | NodeAnswer]:
+        """Text deltas, then the final NodeAnswer. A stream that ends without
+        its final chunk raises NodeUnavailable (it was cut)."""
+        timeout = self._timeout(deadline)
+        call = self._get_stub().GenerateStream(request, timeout=timeout)
+        try:
+            async for chunk in call:
+                if chunk.HasField("response"):
+                    self.health.ok()
+                    self.health.model = chunk.response.model or self.health.model
+                    yield _answer_from_pb(chunk.response, self.name)
+                    return
+                if chunk.delta:
+                    yield chunk.delta
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+        finally:
+            call.cancel()  # no-op when finished; stops the node when we stop early
+        detail = "the stream ended without its final response"
+        self.health.failed(detail)
+        raise NodeUnavailable(self, detail)
+
+    async def probe(self) -> NodeHealth:
+        """Refresh the health record with a quick Info call (for Status)."""
+        try:
+            info = await self._get_stub().Info(
+                model_node_pb2.NodeInfoRequest(), timeout=min(PROBE_TIMEOUT_S, self.timeout_s)
+            )
+        except grpc.aio.AioRpcError as exc:
+            self.health.failed(f"{exc.code().name}: {exc.details()}")
+        else:
+            self.health.ok()
+            self.health.model = info.model
+        return self.health
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None

@@ -1,0 +1,60 @@
+"""Turning a client request into a validated plan: what every later step reads.
+
+Validation uses the same rules as the model nodes (``tidegate.chat``), so a
+request the router accepts is one a node would accept too, except where the
+node's own limits (context length) differ.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+
+from router.cache_key import cache_key
+from router.domain import RouteRequest
+from router.policy import RequestFacts, effective_threshold, estimate_prompt_tokens
+from router.settings import RouterSettings
+from tidegate.chat import GenerationRequest, SamplingParams
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request with everything derived from it."""
+
+    request: RouteRequest  # request_id filled in
+    sampling: SamplingParams  # max_new_tokens after the policy default
+    facts: RequestFacts
+    key: str  # cache key
+    cacheable: bool  # not sampled, or the policy caches sampled answers too
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def flight_key(self) -> str:
+        """Requests that may share one run: same cache key and same threshold
+        (the threshold changes the outcome)."""
+        return f"{self.key}|{self.facts.threshold!r}"
+
+
+def make_plan(request: RouteRequest, settings: RouterSettings) -> Plan:
+    """Validate (raises InvalidArgument with a precise message) and derive."""
+    policy = settings.policy
+    GenerationRequest(request.messages, request.sampling).validate(policy.max_new_tokens_limit)
+    threshold = effective_threshold(request.min_confidence, policy)
+    sampling = request.sampling.with_default_max_new_tokens(policy.default_max_new_tokens)
+    assert sampling.max_new_tokens is not None
+    if not request.request_id:
+        request = replace(request, request_id=uuid.uuid4().hex)
+    return Plan(
+        request=request,
+        sampling=sampling,
+        facts=RequestFacts(
+            prompt_tokens=estimate_prompt_tokens(request.messages),
+            max_new_tokens=sampling.max_new_tokens,
+            threshold=threshold,
+        ),
+        key=cache_key(request.tenant, request.messages, sampling),
+        cacheable=not sampling.is_sampled or settings.cache.cache_sampled,
+    )

@@ -1,0 +1,186 @@
+"""The router's YAML configuration: topology, routing policy and cache.
+
+Load it with ``load_router_settings(path)``; a bad file fails at startup with a
+message naming every bad field (``tidegate.config.load_config`` formats it).
+Environment overrides use the prefix ``TIDEGATE_ROUTER``, e.g.
+``TIDEGATE_ROUTER__CACHE__URL=redis://127.0.0.1:6379/0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tidegate.config import StrictModel, load_config
+from tidegate.server import split_address
+
+ENV_PREFIX = "TIDEGATE_ROUTER"
+
+
+def _check_address(value: str) -> str:
+    split_address(value)  # raises ValueError naming the bad address
+    return value
+
+
+class EdgeTarget(StrictModel):
+    """One edge model node the router asks first."""
+
+    name: str = Field(default="edge", min_length=1, max_length=64)
+    """Shown in Status, escalation reasons and errors."""
+
+    address: str = "127.0.0.1:50052"
+    """HOST:PORT of the node's ModelNode gRPC service."""
+
+    timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    """Per-call limit; a slower edge counts as unavailable and the cloud answers.
+    The client's own deadline shortens it further."""
+
+    _address = field_validator("address")(_check_address)
+
+
+class CloudTarget(StrictModel):
+    """One cloud model node; tried in order, once each, when escalating."""
+
+    name: str = Field(default="cloud", min_length=1, max_length=64)
+    """Shown in Status and in UNAVAILABLE errors."""
+
+    address: str = "127.0.0.1:50053"
+    """HOST:PORT of the node's ModelNode gRPC service."""
+
+    timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
+    """Per-call limit (larger than the edge's: the cloud is the last resort).
+    The client's own deadline shortens it further."""
+
+    _address = field_validator("address")(_check_address)
+
+
+class EdgeBudget(StrictModel):
+    """What the edge may be asked; a request over either limit goes straight to
+    the cloud with escalation code OVER_EDGE_BUDGET."""
+
+    max_prompt_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+    """Estimated prompt tokens (UTF-8 bytes / 3 plus a few per message, see
+    ``router.policy.estimate_prompt_tokens``) above which the edge is skipped."""
+
+    max_new_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    """Requests asking for more new tokens than this skip the edge."""
+
+
+class PolicySettings(StrictModel):
+    """When to keep the edge answer and when to escalate."""
+
+    version: str = Field(default="default-1", min_length=1, max_length=128)
+    """Reported on every response so answers can be traced to the policy."""
+
+    min_confidence: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Keep the edge answer when its confidence is at least this; requests may
+    override it (GenerateRequest.min_confidence). Also the bar an edge answer
+    must meet to be cached, whatever the request's own threshold."""
+
+    edge_budget: EdgeBudget = Field(default_factory=EdgeBudget)
+    """Requests over these limits skip the edge."""
+
+    default_max_new_tokens: int = Field(default=256, ge=1, le=1_000_000)
+    """max_new_tokens for requests that leave it unset."""
+
+    max_new_tokens_limit: int = Field(default=2048, ge=1, le=1_000_000)
+    """Hard limit: a request asking for more is rejected with INVALID_ARGUMENT."""
+
+    escalate_truncated: bool = True
+    """An edge answer cut at max_new_tokens is escalated (EDGE_TRUNCATED)."""
+
+    on_cloud_unavailable: Literal["error", "degraded"] = "error"
+    """When escalation fails because every cloud node is down: ``error`` answers
+    UNAVAILABLE naming the nodes; ``degraded`` serves the edge answer (when
+    there is one) flagged "degraded" and never caches it."""
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> PolicySettings:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"policy.default_max_new_tokens ({self.default_max_new_tokens}) must not "
+                f"exceed policy.max_new_tokens_limit ({self.max_new_tokens_limit})"
+            )
+        if self.edge_budget.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"policy.edge_budget.max_new_tokens ({self.edge_budget.max_new_tokens}) "
+                f"must not exceed policy.max_new_tokens_limit ({self.max_new_tokens_limit})"
+            )
+        return self
+
+
+class CacheSettings(StrictModel):
+    """The exact-match response cache."""
+
+    enabled: bool = True
+    """Off: every request goes to a model (identical in-flight requests are
+    still coalesced)."""
+
+    url: str | None = None
+    """None: an in-process cache (per router). ``redis://HOST:PORT/DB`` (or
+    ``rediss://``, ``unix://``): a Redis shared by router replicas."""
+
+    ttl_s: int = Field(default=3600, ge=1, le=30 * 24 * 3600)
+    """How long an entry lives."""
+
+    max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    """In-process cache only: least recently used entries are evicted past this.
+    (Redis is bounded by ttl_s and its own maxmemory policy.)"""
+
+    key_prefix: str = Field(default="tidegate:cache:", min_length=1, max_length=128)
+    """Redis only: prefix of every key, so several deployments can share a Redis."""
+
+    cache_sampled: bool = False
+    """Also cache (and coalesce) sampled answers (temperature > 0). Off by
+    default: a client asking to sample twice expects two samples."""
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"cache.url must start with redis://, rediss:// or unix:// (got {value!r}); "
+                "leave it unset for the in-process cache"
+            )
+        return value
+
+
+class RouterSettings(StrictModel):
+    """Everything the router needs: where to listen, which nodes, which policy."""
+
+    listen: str = "127.0.0.1:50051"
+    """HOST:PORT to serve the Router gRPC service on (port 0: any free port)."""
+
+    edge: list[EdgeTarget] = Field(default_factory=lambda: [EdgeTarget()], max_length=64)
+    """Edge nodes, asked in order (healthy ones first) until one answers.
+    Empty: every request goes to the cloud."""
+
+    cloud: list[CloudTarget] = Field(
+        default_factory=lambda: [CloudTarget()], min_length=1, max_length=64
+    )
+    """Cloud nodes, tried in order, once each; at least one."""
+
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    """Routing policy."""
+
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    """Response cache."""
+
+    _listen = field_validator("listen")(_check_address)
+
+    @model_validator(mode="after")
+    def _unique_node_names(self) -> RouterSettings:
+        names = [t.name for t in self.edge] + [t.name for t in self.cloud]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(
+                f"edge/cloud node names must be unique; repeated: {', '.join(duplicates)}"
+            )
+        return self
+
+
+def load_router_settings(path: str | Path | None = None) -> RouterSettings:
+    """Read a router YAML file (None: all defaults) with env overrides applied."""
+    return load_config(RouterSettings, path, env_prefix=ENV_PREFIX)
