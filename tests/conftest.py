@@ -7,16 +7,9 @@ Both yield a ``tidegate.server.RunningServer``; connect to ``server.address``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tests.support.tiny_models import start_tiny_node  # noqa: E402
+from tests.support.tiny_models import start_tiny_node
 
 
 @pytest.fixture

@@ -227,7 +227,12 @@ class TransformersBackend:
                     finish = FinishReason.STOP_SEQUENCE
                     break
             if not text.stopped:
-                if tail := text.push(decoder.flush()) + text.finish():
+                # The end of generation releases held-back text (and may reveal a stop
+                # string that ended in a byte sequence only complete now).
+                tail = text.push(decoder.flush())
+                if text.stopped:
+                    finish = FinishReason.STOP_SEQUENCE
+                if tail := tail + text.finish():
                     emit(tail)
         except _Cancelled:
             log.info("generation %s cancelled after %d tokens", request.request_id, len(steps))
