@@ -17,6 +17,8 @@ from tidegate.config import StrictModel, load_config
 from tidegate.server import split_address
 
 ENV_PREFIX = "TIDEGATE_ROUTER"
+# The defaults spelled out as YAML, with comments: what `tidegate up` starts from.
+DEFAULT_POLICY_PATH = Path(__file__).with_name("default_policy.yaml")
 
 
 def _check_address(value: str) -> str:
