@@ -36,7 +36,9 @@ def result_to_pb(result: RouteResult) -> router_pb2.GenerateResponse:
     return router_pb2.GenerateResponse(
         text=result.text,
         tier=result.tier.value,
-        source_tier=result.source_tier.value if result.source_tier else 0,
+        source_tier=(
+            result.source_tier.value if result.source_tier else router_pb2.TIER_UNSPECIFIED
+        ),
         confidence=result.confidence,
         estimator=result.estimator,
         threshold=result.threshold,
@@ -51,7 +53,11 @@ def result_to_pb(result: RouteResult) -> router_pb2.GenerateResponse:
             cloud_ms=t.cloud_ms,
             router_overhead_ms=t.router_overhead_ms,
         ),
-        finish_reason=result.finish_reason.value if result.finish_reason else 0,
+        finish_reason=(
+            result.finish_reason.value
+            if result.finish_reason
+            else common_pb2.FINISH_REASON_UNSPECIFIED
+        ),
         model=result.model,
         request_id=result.request_id,
         policy_version=result.policy_version,
