@@ -191,6 +191,15 @@ def test_router_reaches_nodes_and_redis_by_service_name(compose: dict[str, Any])
             assert role in compose["services"]
 
 
+def test_router_limits_fit_the_nodes_limits() -> None:
+    """A request the router accepts must not be rejected by the node it sends it to."""
+    router = load_config(settings_class("router"), ROOT / "deploy" / "router.yaml")
+    edge = load_config(settings_class("edge"), ROOT / "deploy" / "edge.yaml")
+    cloud = load_config(settings_class("cloud"), ROOT / "deploy" / "cloud.yaml")
+    assert router.policy.max_new_tokens_limit <= cloud.max_new_tokens_limit
+    assert router.policy.edge_budget.max_new_tokens <= edge.max_new_tokens_limit
+
+
 def test_a_broken_deploy_file_fails_naming_the_field(tmp_path: Path) -> None:
     from tidegate.errors import ConfigError
 
