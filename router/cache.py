@@ -118,6 +118,11 @@ class EmbeddedCache:
         self._entries.clear()
 
 
+def _glob_escape(text: str) -> str:
+    """A key prefix as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 class RedisCache:
     """Redis-backed cache shared by router replicas.
 
@@ -154,7 +159,7 @@ class RedisCache:
 
     async def stats(self) -> CacheStats:
         entries = 0
-        async for _ in self._redis.scan_iter(match=self.key_prefix + "*", count=1000):
+        async for _ in self._redis.scan_iter(match=_glob_escape(self.key_prefix) + "*", count=1000):
             entries += 1
         return CacheStats(entries=entries, hits=self._hits, misses=self._misses)
 

@@ -170,3 +170,16 @@ async def test_redis_prefixes_isolate_deployments(redis_cache, redis_prefix):
         assert (await other.stats()).entries == 0
     finally:
         await other.close()
+
+
+async def test_redis_entry_count_treats_the_prefix_literally(redis_prefix):
+    glob_like = RedisCache.from_url(REDIS_URL, redis_prefix + "[x]*:")
+    lookalike = RedisCache.from_url(REDIS_URL, redis_prefix + "x-:")
+    try:
+        await lookalike.put("k", entry(), ttl_s=60)  # "[x]*" as a glob would match "x-"
+        assert (await glob_like.stats()).entries == 0
+        await glob_like.put("k", entry(), ttl_s=60)
+        assert (await glob_like.stats()).entries == 1
+    finally:
+        await glob_like.close()
+        await lookalike.close()
