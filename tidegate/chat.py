@@ -94,8 +94,7 @@ def validate_messages(messages: tuple[ChatMessage, ...]) -> None:
     for index, message in enumerate(messages):
         if message.role not in ROLES:
             raise InvalidArgument(
-                f"message {index} has unknown role {message.role!r}; "
-                f"use one of {', '.join(ROLES)}"
+                f"message {index} has unknown role {message.role!r}; use one of {', '.join(ROLES)}"
             )
     last = messages[-1]
     if last.role != "user":

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,9 @@ DEFAULT_ROUTER = "127.0.0.1:50051"
 
 
 def _setup_logging(verbose: bool) -> None:
+    if not verbose:
+        # transformers draws a progress bar per weight file; our own log lines say it all.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -48,7 +52,9 @@ async def _serve(role: str, config: str | None) -> None:
         from edge_node.service import serve_edge
         from edge_node.settings import EdgeSettings
 
-        running.append(await serve_edge(load_config(EdgeSettings, config, env_prefix="TIDEGATE_EDGE")))
+        running.append(
+            await serve_edge(load_config(EdgeSettings, config, env_prefix="TIDEGATE_EDGE"))
+        )
     elif role == "cloud":
         from cloud_node.service import serve_cloud
         from cloud_node.settings import CloudSettings
@@ -102,7 +108,8 @@ async def start_local_stack(config_dir: str | None = None, log=print):  # type: 
         log(f"loading cloud model {cloud_settings.model.source} …")
         servers.append(await serve_cloud(cloud_settings))
         log(f"cloud node ready on {servers[-1].address}")
-        log(f"loading edge model {edge_settings.model.source} ({edge_settings.model.quantization}) …")
+        edge_model = edge_settings.model
+        log(f"loading edge model {edge_model.source} ({edge_model.quantization}) …")
         servers.append(await serve_edge(edge_settings))
         log(f"edge node ready on {servers[-1].address}")
         servers.append(await serve_router(router_settings))
@@ -213,8 +220,10 @@ async def _status(address: str, as_json: bool) -> int:
     for node in status.nodes:
         state = "healthy" if node.healthy else f"UNHEALTHY ({node.last_error})"
         print(f"  {node.tier:5} {node.name:12} {node.address:22} {node.model:40} {state}")
-    print(f"cache: {status.cache_entries} entries, {status.cache_hits} hits, "
-          f"{status.cache_misses} misses")
+    print(
+        f"cache: {status.cache_entries} entries, {status.cache_hits} hits, "
+        f"{status.cache_misses} misses"
+    )
     return 0
 
 

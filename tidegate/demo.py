@@ -30,8 +30,9 @@ QUESTIONS = (
     DemoQuestion("edge answer (min_confidence 0)", "What is the capital of France?", 0.0),
     DemoQuestion("escalation (min_confidence 1)", "What is the capital of Australia?", 1.0),
     DemoQuestion("cache hit (same question again)", "What is the capital of Australia?", 1.0),
-    DemoQuestion("over the edge budget", "Name the largest planet in our solar system.",
-                 max_new_tokens=1000),
+    DemoQuestion(
+        "over the edge budget", "Name the largest planet in our solar system.", max_new_tokens=1000
+    ),
     DemoQuestion("the policy decides", "What is 17 multiplied by 23?"),
     DemoQuestion("bad input: empty question", ""),
 )
@@ -42,8 +43,8 @@ def _row(cells: list[str], widths: list[int]) -> str:
 
 
 async def ask_all(address: str) -> int:
-    widths = [32, 6, 6, 46, 8]
-    print(_row(["shows", "tier", "conf", "escalation reason / answer", "ms"], widths))
+    widths = [32, 6, 6, 8]
+    print(_row(["shows", "tier", "conf", "ms"], widths))
     print("-+-".join("-" * w for w in widths))
     failures = 0
     async with RouterClient(address, timeout_s=600) as client:
@@ -56,19 +57,37 @@ async def ask_all(address: str) -> int:
             try:
                 data = response_to_dict(await client.generate(request))
             except grpc.aio.AioRpcError as exc:
-                print(_row([q.shows, "error", "", f"{exc.code().name}: {exc.details()}", ""],
-                           widths))
+                print(_row([q.shows, "error", "", ""], widths))
+                print(f"    {exc.code().name}: {exc.details()}")
                 continue
             answer = " ".join(data["text"].split())
-            print(_row([q.shows, data["tier"], f"{data['confidence']:.2f}",
-                        data["escalation_reason"] or "(kept)", f"{data['timings_ms']['total']:.0f}"],
-                       widths))
-            for line in textwrap.wrap(f"Q: {q.question}  A: {answer}", 100)[:3]:
-                print("    " + line)
+            print(
+                _row(
+                    [
+                        q.shows,
+                        data["tier"],
+                        f"{data['confidence']:.2f}",
+                        f"{data['timings_ms']['total']:.0f}",
+                    ],
+                    widths,
+                )
+            )
+            source = f" (answered earlier by {data['source_tier']})" if data["source_tier"] else ""
+            notes = [
+                f"Q: {q.question}",
+                f"A: {answer}",
+                f"why: {data['escalation_reason'] or 'kept: confidence meets the threshold'}"
+                f"{source}",
+            ]
+            for note in notes:
+                for line in textwrap.wrap(note, 96)[:3]:
+                    print("    " + line)
         # The router survived the bad request: prove it with one more round trip.
         status = await client.status()
-        print(f"\nrouter still serving: {len(status.nodes)} nodes, cache {status.cache_entries} "
-              f"entries / {status.cache_hits} hits, policy {status.policy_version}")
+        print(
+            f"\nrouter still serving: {len(status.nodes)} nodes, cache {status.cache_entries} "
+            f"entries / {status.cache_hits} hits, policy {status.policy_version}"
+        )
     return failures
 
 

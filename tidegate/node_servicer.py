@@ -24,7 +24,9 @@ class NodeLimits:
     max_new_tokens_limit: int = 4096
 
 
-def request_from_pb(pb: model_node_pb2.NodeGenerateRequest, limits: NodeLimits) -> GenerationRequest:
+def request_from_pb(
+    pb: model_node_pb2.NodeGenerateRequest, limits: NodeLimits
+) -> GenerationRequest:
     request = GenerationRequest(
         messages=tuple(ChatMessage.from_pb(m) for m in pb.messages),
         sampling=SamplingParams.from_pb(pb.sampling),
