@@ -16,6 +16,8 @@ Later loads read the cache (~0.3 s for SmolLM2).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import logging
@@ -281,6 +283,18 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     )
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by loading/quantizing back to the OS (glibc keeps it otherwise).
+
+    Measured on SmolLM2 int8: RSS 832 → 611 MB. Best effort; a no-op off glibc.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_backend(settings: ModelSettings) -> Any:
     """Load, quantize and wrap ``settings`` into a TransformersBackend (synchronous)."""
     from tidegate.inference.quantize import quantize_model
@@ -289,6 +303,7 @@ def load_backend(settings: ModelSettings) -> Any:
     loaded = load_model(settings)
     started = time.perf_counter()
     model = quantize_model(loaded.model, settings.quantization)
+    release_freed_memory()
     log.info(
         "quantized %s to %s in %.2fs",
         loaded.model_id,

@@ -125,11 +125,17 @@ class TransformersBackend:
     # ---- asyncio side -------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> Generation:
-        """The whole answer: drains ``stream()`` (one decode loop for both paths)."""
+        """The whole answer: drains ``stream()`` (one decode loop for both paths).
+
+        Draining to the end (not returning at the final item) closes the stream
+        at once, which releases the model lock without waiting for GC.
+        """
+        final: str | Generation | None = None
         async for item in self.stream(request):
-            if isinstance(item, Generation):
-                return item
-        raise RuntimeError("the decode loop ended without a result")  # pragma: no cover
+            final = item
+        if not isinstance(final, Generation):  # pragma: no cover - stream() always ends so
+            raise RuntimeError("the decode loop ended without a result")
+        return final
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
         """Text deltas as they are decoded, then the final Generation.
