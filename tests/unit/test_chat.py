@@ -6,7 +6,8 @@ from tidegate.errors import InvalidArgument
 
 def request(*messages: tuple[str, str], **sampling: object) -> GenerationRequest:
     return GenerationRequest(
-        tuple(ChatMessage(r, c) for r, c in messages), SamplingParams(**sampling)  # type: ignore[arg-type]
+        tuple(ChatMessage(r, c) for r, c in messages),
+        SamplingParams(**sampling),  # type: ignore[arg-type]
     )
 
 
