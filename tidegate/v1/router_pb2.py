@@ -25,31 +25,37 @@ _sym_db = _symbol_database.Default()
 from tidegate.v1 import common_pb2 as tidegate_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tidegate/v1/router.proto\x12\x0btidegate.v1\x1a\x18tidegate/v1/common.proto\"\xce\x01\n\x0fGenerateRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.tidegate.v1.ChatMessage\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.tidegate.v1.SamplingParams\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x1b\n\x0emin_confidence\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x11\n\x0f_min_confidence\"Z\n\x07Timings\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x0f\n\x07\x65\x64ge_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x63loud_ms\x18\x03 \x01(\x01\x12\x1a\n\x12router_overhead_ms\x18\x04 \x01(\x01\"\xba\x03\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.tidegate.v1.Tier\x12&\n\x0bsource_tier\x18\x03 \x01(\x0e\x32\x11.tidegate.v1.Tier\x12\x12\n\nconfidence\x18\x04 \x01(\x01\x12\x11\n\testimator\x18\x05 \x01(\t\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x34\n\x0f\x65scalation_code\x18\x07 \x01(\x0e\x32\x1b.tidegate.v1.EscalationCode\x12\x19\n\x11\x65scalation_reason\x18\x08 \x01(\t\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.tidegate.v1.Usage\x12%\n\x07timings\x18\n \x01(\x0b\x32\x14.tidegate.v1.Timings\x12\x30\n\rfinish_reason\x18\x0b \x01(\x0e\x32\x19.tidegate.v1.FinishReason\x12\r\n\x05model\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x16\n\x0epolicy_version\x18\x0e \x01(\t\x12\r\n\x05\x66lags\x18\x0f \x03(\t\"[\n\rGenerateEvent\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.tidegate.v1.GenerateResponseH\x00\x42\x06\n\x04kind\"\x0f\n\rStatusRequest\"m\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\"\x91\x01\n\x0eStatusResponse\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.tidegate.v1.NodeStatus\x12\x15\n\rcache_entries\x18\x02 \x01(\x04\x12\x12\n\ncache_hits\x18\x03 \x01(\x04\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x04 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_EDGE\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02\x12\x0e\n\nTIER_CACHE\x10\x03*\xbe\x01\n\x0e\x45scalationCode\x12\x18\n\x14\x45SCALATION_CODE_NONE\x10\x00\x12\"\n\x1e\x45SCALATION_CODE_LOW_CONFIDENCE\x10\x01\x12$\n ESCALATION_CODE_OVER_EDGE_BUDGET\x10\x02\x12$\n ESCALATION_CODE_EDGE_UNAVAILABLE\x10\x03\x12\"\n\x1e\x45SCALATION_CODE_EDGE_TRUNCATED\x10\x04\x32\xe2\x01\n\x06Router\x12G\n\x08Generate\x12\x1c.tidegate.v1.GenerateRequest\x1a\x1d.tidegate.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.tidegate.v1.GenerateRequest\x1a\x1a.tidegate.v1.GenerateEvent0\x01\x12\x41\n\x06Status\x12\x1a.tidegate.v1.StatusRequest\x1a\x1b.tidegate.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tidegate/v1/router.proto\x12\x0btidegate.v1\x1a\x18tidegate/v1/common.proto\"\x80\x02\n\x0fGenerateRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.tidegate.v1.ChatMessage\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.tidegate.v1.SamplingParams\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x0c\n\x04tags\x18\x04 \x03(\t\x12\x1b\n\x0emin_confidence\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x30\n\rcache_control\x18\x07 \x01(\x0e\x32\x19.tidegate.v1.CacheControlB\x11\n\x0f_min_confidence\"Z\n\x07Timings\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x0f\n\x07\x65\x64ge_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x63loud_ms\x18\x03 \x01(\x01\x12\x1a\n\x12router_overhead_ms\x18\x04 \x01(\x01\"\xba\x03\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.tidegate.v1.Tier\x12&\n\x0bsource_tier\x18\x03 \x01(\x0e\x32\x11.tidegate.v1.Tier\x12\x12\n\nconfidence\x18\x04 \x01(\x01\x12\x11\n\testimator\x18\x05 \x01(\t\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\x34\n\x0f\x65scalation_code\x18\x07 \x01(\x0e\x32\x1b.tidegate.v1.EscalationCode\x12\x19\n\x11\x65scalation_reason\x18\x08 \x01(\t\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.tidegate.v1.Usage\x12%\n\x07timings\x18\n \x01(\x0b\x32\x14.tidegate.v1.Timings\x12\x30\n\rfinish_reason\x18\x0b \x01(\x0e\x32\x19.tidegate.v1.FinishReason\x12\r\n\x05model\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x16\n\x0epolicy_version\x18\x0e \x01(\t\x12\r\n\x05\x66lags\x18\x0f \x03(\t\"\x84\x01\n\rGenerateEvent\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\x31\n\x08response\x18\x02 \x01(\x0b\x32\x1d.tidegate.v1.GenerateResponseH\x00\x12\'\n\x07restart\x18\x03 \x01(\x0b\x32\x14.tidegate.v1.RestartH\x00\x42\x06\n\x04kind\"O\n\x07Restart\x12\x34\n\x0f\x65scalation_code\x18\x01 \x01(\x0e\x32\x1b.tidegate.v1.EscalationCode\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rStatusRequest\"\xa9\x01\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x07 \x01(\r\x12\x1c\n\x14\x63ooldown_remaining_s\x18\x08 \x01(\x01\"^\n\x0c\x42udgetStatus\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06window\x18\x02 \x01(\t\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x01\x12\x11\n\tremaining\x18\x05 \x01(\x01\"\xf0\x01\n\x0eStatusResponse\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.tidegate.v1.NodeStatus\x12\x15\n\rcache_entries\x18\x02 \x01(\x04\x12\x12\n\ncache_hits\x18\x03 \x01(\x04\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x04 \x01(\x04\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x1b\n\x13\x63\x61\x63he_semantic_hits\x18\x06 \x01(\x04\x12\x14\n\x0c\x63\x61\x63he_shared\x18\x07 \x01(\x08\x12*\n\x07\x62udgets\x18\x08 \x03(\x0b\x32\x19.tidegate.v1.BudgetStatus*^\n\x0c\x43\x61\x63heControl\x12\x19\n\x15\x43\x41\x43HE_CONTROL_DEFAULT\x10\x00\x12\x18\n\x14\x43\x41\x43HE_CONTROL_BYPASS\x10\x01\x12\x19\n\x15\x43\x41\x43HE_CONTROL_REFRESH\x10\x02*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_EDGE\x10\x01\x12\x0e\n\nTIER_CLOUD\x10\x02\x12\x0e\n\nTIER_CACHE\x10\x03*\xbe\x01\n\x0e\x45scalationCode\x12\x18\n\x14\x45SCALATION_CODE_NONE\x10\x00\x12\"\n\x1e\x45SCALATION_CODE_LOW_CONFIDENCE\x10\x01\x12$\n ESCALATION_CODE_OVER_EDGE_BUDGET\x10\x02\x12$\n ESCALATION_CODE_EDGE_UNAVAILABLE\x10\x03\x12\"\n\x1e\x45SCALATION_CODE_EDGE_TRUNCATED\x10\x04\x32\xe2\x01\n\x06Router\x12G\n\x08Generate\x12\x1c.tidegate.v1.GenerateRequest\x1a\x1d.tidegate.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.tidegate.v1.GenerateRequest\x1a\x1a.tidegate.v1.GenerateEvent0\x01\x12\x41\n\x06Status\x12\x1a.tidegate.v1.StatusRequest\x1a\x1b.tidegate.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tidegate.v1.router_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=1182
-  _globals['_TIER']._serialized_end=1257
-  _globals['_ESCALATIONCODE']._serialized_start=1260
-  _globals['_ESCALATIONCODE']._serialized_end=1450
+  _globals['_CACHECONTROL']._serialized_start=1607
+  _globals['_CACHECONTROL']._serialized_end=1701
+  _globals['_TIER']._serialized_start=1703
+  _globals['_TIER']._serialized_end=1778
+  _globals['_ESCALATIONCODE']._serialized_start=1781
+  _globals['_ESCALATIONCODE']._serialized_end=1971
   _globals['_GENERATEREQUEST']._serialized_start=68
-  _globals['_GENERATEREQUEST']._serialized_end=274
-  _globals['_TIMINGS']._serialized_start=276
-  _globals['_TIMINGS']._serialized_end=366
-  _globals['_GENERATERESPONSE']._serialized_start=369
-  _globals['_GENERATERESPONSE']._serialized_end=811
-  _globals['_GENERATEEVENT']._serialized_start=813
-  _globals['_GENERATEEVENT']._serialized_end=904
-  _globals['_STATUSREQUEST']._serialized_start=906
-  _globals['_STATUSREQUEST']._serialized_end=921
-  _globals['_NODESTATUS']._serialized_start=923
-  _globals['_NODESTATUS']._serialized_end=1032
-  _globals['_STATUSRESPONSE']._serialized_start=1035
-  _globals['_STATUSRESPONSE']._serialized_end=1180
-  _globals['_ROUTER']._serialized_start=1453
-  _globals['_ROUTER']._serialized_end=1679
+  _globals['_GENERATEREQUEST']._serialized_end=324
+  _globals['_TIMINGS']._serialized_start=326
+  _globals['_TIMINGS']._serialized_end=416
+  _globals['_GENERATERESPONSE']._serialized_start=419
+  _globals['_GENERATERESPONSE']._serialized_end=861
+  _globals['_GENERATEEVENT']._serialized_start=864
+  _globals['_GENERATEEVENT']._serialized_end=996
+  _globals['_RESTART']._serialized_start=998
+  _globals['_RESTART']._serialized_end=1077
+  _globals['_STATUSREQUEST']._serialized_start=1079
+  _globals['_STATUSREQUEST']._serialized_end=1094
+  _globals['_NODESTATUS']._serialized_start=1097
+  _globals['_NODESTATUS']._serialized_end=1266
+  _globals['_BUDGETSTATUS']._serialized_start=1268
+  _globals['_BUDGETSTATUS']._serialized_end=1362
+  _globals['_STATUSRESPONSE']._serialized_start=1365
+  _globals['_STATUSRESPONSE']._serialized_end=1605
+  _globals['_ROUTER']._serialized_start=1974
+  _globals['_ROUTER']._serialized_end=2200
 # @@protoc_insertion_point(module_scope)

@@ -8,6 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CacheControl(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_CONTROL_DEFAULT: _ClassVar[CacheControl]
+    CACHE_CONTROL_BYPASS: _ClassVar[CacheControl]
+    CACHE_CONTROL_REFRESH: _ClassVar[CacheControl]
+
 class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TIER_UNSPECIFIED: _ClassVar[Tier]
@@ -22,6 +28,9 @@ class EscalationCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ESCALATION_CODE_OVER_EDGE_BUDGET: _ClassVar[EscalationCode]
     ESCALATION_CODE_EDGE_UNAVAILABLE: _ClassVar[EscalationCode]
     ESCALATION_CODE_EDGE_TRUNCATED: _ClassVar[EscalationCode]
+CACHE_CONTROL_DEFAULT: CacheControl
+CACHE_CONTROL_BYPASS: CacheControl
+CACHE_CONTROL_REFRESH: CacheControl
 TIER_UNSPECIFIED: Tier
 TIER_EDGE: Tier
 TIER_CLOUD: Tier
@@ -33,20 +42,22 @@ ESCALATION_CODE_EDGE_UNAVAILABLE: EscalationCode
 ESCALATION_CODE_EDGE_TRUNCATED: EscalationCode
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("messages", "sampling", "tenant", "tags", "min_confidence", "request_id")
+    __slots__ = ("messages", "sampling", "tenant", "tags", "min_confidence", "request_id", "cache_control")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_CONTROL_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     sampling: _common_pb2.SamplingParams
     tenant: str
     tags: _containers.RepeatedScalarFieldContainer[str]
     min_confidence: float
     request_id: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., min_confidence: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+    cache_control: CacheControl
+    def __init__(self, messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tenant: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., min_confidence: _Optional[float] = ..., request_id: _Optional[str] = ..., cache_control: _Optional[_Union[CacheControl, str]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("total_ms", "edge_ms", "cloud_ms", "router_overhead_ms")
@@ -95,43 +106,77 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ..., source_tier: _Optional[_Union[Tier, str]] = ..., confidence: _Optional[float] = ..., estimator: _Optional[str] = ..., threshold: _Optional[float] = ..., escalation_code: _Optional[_Union[EscalationCode, str]] = ..., escalation_reason: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., model: _Optional[str] = ..., request_id: _Optional[str] = ..., policy_version: _Optional[str] = ..., flags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("delta", "response")
+    __slots__ = ("delta", "response", "restart")
     DELTA_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    RESTART_FIELD_NUMBER: _ClassVar[int]
     delta: str
     response: GenerateResponse
-    def __init__(self, delta: _Optional[str] = ..., response: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+    restart: Restart
+    def __init__(self, delta: _Optional[str] = ..., response: _Optional[_Union[GenerateResponse, _Mapping]] = ..., restart: _Optional[_Union[Restart, _Mapping]] = ...) -> None: ...
+
+class Restart(_message.Message):
+    __slots__ = ("escalation_code", "reason")
+    ESCALATION_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    escalation_code: EscalationCode
+    reason: str
+    def __init__(self, escalation_code: _Optional[_Union[EscalationCode, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "address", "tier", "healthy", "model", "last_error")
+    __slots__ = ("name", "address", "tier", "healthy", "model", "last_error", "consecutive_failures", "cooldown_remaining_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_REMAINING_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     tier: str
     healthy: bool
     model: str
     last_error: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., healthy: _Optional[bool] = ..., model: _Optional[str] = ..., last_error: _Optional[str] = ...) -> None: ...
+    consecutive_failures: int
+    cooldown_remaining_s: float
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., healthy: _Optional[bool] = ..., model: _Optional[str] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., cooldown_remaining_s: _Optional[float] = ...) -> None: ...
+
+class BudgetStatus(_message.Message):
+    __slots__ = ("tenant", "window", "unit", "limit", "remaining")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    window: str
+    unit: str
+    limit: float
+    remaining: float
+    def __init__(self, tenant: _Optional[str] = ..., window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[float] = ..., remaining: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("nodes", "cache_entries", "cache_hits", "cache_misses", "policy_version")
+    __slots__ = ("nodes", "cache_entries", "cache_hits", "cache_misses", "policy_version", "cache_semantic_hits", "cache_shared", "budgets")
     NODES_FIELD_NUMBER: _ClassVar[int]
     CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SEMANTIC_HITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SHARED_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     cache_entries: int
     cache_hits: int
     cache_misses: int
     policy_version: str
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., cache_entries: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., policy_version: _Optional[str] = ...) -> None: ...
+    cache_semantic_hits: int
+    cache_shared: bool
+    budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., cache_entries: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., policy_version: _Optional[str] = ..., cache_semantic_hits: _Optional[int] = ..., cache_shared: _Optional[bool] = ..., budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ...) -> None: ...

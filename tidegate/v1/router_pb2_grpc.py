@@ -61,8 +61,15 @@ class RouterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Server-streaming: the edge answer is judged before any of it is streamed,
-        so a client never receives text it would later have to unsee.
+        """Server-streaming: zero or more `delta` events, then one `response` event
+        (or an error status). By default the edge answer is judged before any of
+        it is streamed, so a client never receives text it would later have to
+        unsee. When the router streams edge tokens early (stream.early_edge_tokens)
+        and then replaces them (the edge answer escalated, or its stream was cut or
+        stalled), it first sends a `restart` event: discard every delta received
+        so far; the deltas after it are the whole answer. A stream that fails after
+        cloud deltas were sent ends with an error status (UNAVAILABLE), never with
+        text from another node appended. See GenerateEvent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
