@@ -128,7 +128,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "address", "tier", "healthy", "model", "last_error", "consecutive_failures", "cooldown_remaining_s")
+    __slots__ = ("name", "address", "tier", "healthy", "model", "last_error", "consecutive_failures", "cooldown_remaining_s", "registered", "capacity", "load", "heartbeat_age_s")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,10 @@ class NodeStatus(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
     COOLDOWN_REMAINING_S_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     tier: str
@@ -145,7 +149,11 @@ class NodeStatus(_message.Message):
     last_error: str
     consecutive_failures: int
     cooldown_remaining_s: float
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., healthy: _Optional[bool] = ..., model: _Optional[str] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., cooldown_remaining_s: _Optional[float] = ...) -> None: ...
+    registered: bool
+    capacity: int
+    load: float
+    heartbeat_age_s: float
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., healthy: _Optional[bool] = ..., model: _Optional[str] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., cooldown_remaining_s: _Optional[float] = ..., registered: _Optional[bool] = ..., capacity: _Optional[int] = ..., load: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ...) -> None: ...
 
 class BudgetStatus(_message.Message):
     __slots__ = ("tenant", "window", "unit", "limit", "remaining")
