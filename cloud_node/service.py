@@ -60,7 +60,7 @@ async def serve_cloud(settings: CloudSettings) -> CloudServer:
     """
     servicer = build_cloud_servicer(settings)
     try:
-        running = await start_server([servicer.service()], settings.listen)
+        running = await start_server([servicer.service()], settings.listen, settings.tls)
     except BaseException:
         await servicer.backend.close()
         raise

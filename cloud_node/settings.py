@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from tidegate.config import ModelSettings, StrictModel
+from tidegate.tls import ServerTls
 
 
 class OpenAISettings(StrictModel):
@@ -66,6 +67,10 @@ class CloudSettings(StrictModel):
 
     max_new_tokens_limit: int = Field(default=4096, ge=1, le=1_000_000, validate_default=True)
     """Requests asking for more new tokens than this are rejected (INVALID_ARGUMENT)."""
+
+    tls: ServerTls | None = None
+    """Serve over TLS (with ``client_ca_file``: mutual TLS, e.g. only the router
+    may call); unset: plaintext."""
 
     @field_validator("openai")
     @classmethod

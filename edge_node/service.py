@@ -43,7 +43,7 @@ async def serve_edge(settings: EdgeSettings, backend: ModelBackend | None = None
 
         backend = await asyncio.to_thread(load_backend, settings.model)
     servicer = build_edge_servicer(settings, backend)
-    running = await start_server([servicer.service()], settings.listen)
+    running = await start_server([servicer.service()], settings.listen, settings.tls)
     info = backend.info
     log.info(
         "edge node %s (%s, estimator %s) on %s",

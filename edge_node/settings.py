@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from tidegate.config import ModelSettings, StrictModel
+from tidegate.tls import ServerTls
 
 
 class EdgeSettings(StrictModel):
@@ -25,6 +26,10 @@ class EdgeSettings(StrictModel):
 
     max_new_tokens_limit: int = Field(default=2048, ge=1, le=32768)
     """Largest max_new_tokens a request may ask for (INVALID_ARGUMENT above it)."""
+
+    tls: ServerTls | None = None
+    """Serve over TLS (with ``client_ca_file``: mutual TLS, e.g. only the router
+    may call); unset: plaintext."""
 
     @field_validator("estimator")
     @classmethod

@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tidegate.errors import PayloadGuard
+from tidegate.tls import ClientTls, ServerTls, open_channel, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,12 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def start_server(services: Sequence[Service], address: str) -> RunningServer:
-    """Start an aio server on ``address`` (port 0 picks a free port)."""
+async def start_server(
+    services: Sequence[Service], address: str, tls: ServerTls | None = None
+) -> RunningServer:
+    """Start an aio server on ``address`` (port 0 picks a free port); TLS (or
+    mutual TLS) when ``tls`` is given, plaintext otherwise."""
+    credentials = server_credentials(tls) if tls is not None else None  # fail before binding
     server = grpc.aio.server(
         interceptors=[PayloadGuard()],
         options=[
@@ -80,7 +85,10 @@ async def start_server(services: Sequence[Service], address: str) -> RunningServ
         server,
     )
     host, _ = split_address(address)
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind {address}: is the port in use?")
     await server.start()
@@ -90,11 +98,13 @@ async def start_server(services: Sequence[Service], address: str) -> RunningServ
     return RunningServer(server=server, port=port, host=host, health=health_servicer)
 
 
-async def wait_for_health(address: str, timeout: float = 30.0, service: str = "") -> None:
+async def wait_for_health(
+    address: str, timeout: float = 30.0, service: str = "", tls: ClientTls | None = None
+) -> None:
     """Block until ``address`` answers SERVING on the standard health service."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
