@@ -60,7 +60,7 @@ def mean_entropy(g: Generation) -> float:
     return math.exp(-sum(entropies) / len(entropies))
 
 
-@dataclass(frozen=True)
+@dataclass
 class TokenSignalEstimator:
     """A ConfidenceEstimator computed from per-token log-probs / entropies."""
 

@@ -122,7 +122,7 @@ def convert_gguf(gguf: Path, target: Path, origin: dict[str, Any]) -> None:
 
     started = time.perf_counter()
     log.info("converting %s to safetensors (once; this takes a while)", gguf)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     )
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

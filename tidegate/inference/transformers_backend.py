@@ -161,7 +161,12 @@ class TransformersBackend:
             future = loop.run_in_executor(
                 self._executor, self._generate_sync, request, arrived, emit, cancel
             )
-            future.add_done_callback(lambda f: (_retrieve(f), queue.put_nowait(done)))
+
+            def finished(f: asyncio.Future[Generation]) -> None:
+                _retrieve(f)
+                queue.put_nowait(done)
+
+            future.add_done_callback(finished)
             try:
                 while (item := await queue.get()) is not done:
                     yield item
