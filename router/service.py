@@ -8,8 +8,10 @@ await server.stop()                        # stops gRPC, closes channels and Red
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from router.cache import RedisCache, open_cache
 from router.nodes import NodeClient
@@ -18,6 +20,9 @@ from router.servicer import RouterServicer
 from router.settings import RouterSettings
 from tidegate.errors import ConfigError
 from tidegate.server import GRACE_SECONDS, RunningServer, start_server
+
+if TYPE_CHECKING:
+    from router.openai_http import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +41,40 @@ def build_router(settings: RouterSettings) -> RouterServicer:
 
 @dataclass
 class RouterServer(RunningServer):
-    """A running router; ``stop`` also closes node channels and the cache."""
+    """A running router; ``stop`` also stops the HTTP endpoint and closes node
+    channels and the cache."""
 
     servicer: RouterServicer | None = None
+    http: HttpServer | None = None  # the OpenAI-compatible endpoint, when enabled
+
+    @property
+    def http_url(self) -> str | None:
+        """``http://HOST:PORT`` of the OpenAI-compatible endpoint (None: disabled)."""
+        return self.http.url if self.http is not None else None
 
     async def stop(self, grace: float = GRACE_SECONDS) -> None:
         try:
-            await super().stop(grace)
+            stops = [super().stop(grace)]
+            if self.http is not None:
+                stops.append(self.http.stop(grace))
+            await asyncio.gather(*stops)
         finally:
             if self.servicer is not None:
                 await self.servicer.close()
+
+
+async def _serve_http(settings: RouterSettings, servicer: RouterServicer) -> HttpServer | None:
+    """The OpenAI-compatible endpoint over the servicer's pipeline, when enabled."""
+    if not settings.http.enabled:
+        return None
+    try:  # the `router` extra; a router without it can still serve gRPC
+        from router.openai_http import serve_http
+    except ImportError as exc:
+        raise ConfigError(
+            f"http.enabled: the OpenAI-compatible endpoint needs {exc.name}: "
+            "pip install 'tidegate[router]', or set http.enabled: false"
+        ) from exc
+    return await serve_http(servicer.pipeline, settings.http)
 
 
 async def serve_router(settings: RouterSettings) -> RouterServer:
@@ -65,6 +94,11 @@ async def serve_router(settings: RouterSettings) -> RouterServer:
                     f"cache.url {settings.cache.url}: Redis did not answer ({exc})"
                 ) from exc
         running = await start_server([servicer.service()], settings.listen)
+        try:
+            http = await _serve_http(settings, servicer)
+        except BaseException:
+            await running.stop(0)
+            raise
     except BaseException:
         await servicer.close()
         raise
@@ -82,4 +116,5 @@ async def serve_router(settings: RouterSettings) -> RouterServer:
         host=running.host,
         health=running.health,
         servicer=servicer,
+        http=http,
     )

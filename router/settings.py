@@ -149,6 +149,27 @@ class CacheSettings(StrictModel):
         return value
 
 
+class HttpSettings(StrictModel):
+    """The OpenAI-compatible HTTP endpoint (``/v1/chat/completions``, ``/v1/models``,
+    ``/health``), served by the router process beside gRPC, over the same pipeline."""
+
+    enabled: bool = True
+    """Serve it (needs the ``router`` extra: ``pip install 'tidegate[router]'``)."""
+
+    listen: str = "127.0.0.1:8080"
+    """HOST:PORT to serve HTTP on (port 0: any free port); clients use
+    ``http://HOST:PORT/v1`` as their OpenAI base URL."""
+
+    request_timeout_s: float = Field(default=600.0, gt=0.0, le=3600.0)
+    """Deadline of one request (504 past it), as a gRPC deadline would be; a
+    client's ``X-Tidegate-Timeout`` header (seconds) can only shorten it."""
+
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    """Larger request bodies are refused (400) before they are parsed."""
+
+    _listen = field_validator("listen")(_check_address)
+
+
 class RouterSettings(StrictModel):
     """Everything the router needs: where to listen, which nodes, which policy."""
 
@@ -169,6 +190,9 @@ class RouterSettings(StrictModel):
 
     cache: CacheSettings = Field(default_factory=CacheSettings)
     """Response cache."""
+
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    """The OpenAI-compatible HTTP endpoint."""
 
     _listen = field_validator("listen")(_check_address)
 

@@ -46,6 +46,7 @@ async def router():
     settings = RouterSettings.model_validate(
         {
             "listen": "127.0.0.1:0",
+            "http": {"listen": "127.0.0.1:0"},
             "edge": [{"name": "edge", "address": edge.address}],
             "cloud": [{"name": "cloud", "address": cloud.address}],
             "policy": {

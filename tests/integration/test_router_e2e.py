@@ -133,6 +133,7 @@ class Stack:
         edge_timeout_s = overrides.pop("edge_timeout_s", 30)
         data: dict[str, Any] = {
             "listen": "127.0.0.1:0",
+            "http": {"listen": "127.0.0.1:0"},  # not the default 8080: tests run side by side
             "edge": [
                 {"name": f"edge{i}", "address": a, "timeout_s": edge_timeout_s}
                 for i, a in enumerate(edge)
@@ -147,6 +148,7 @@ class Stack:
         }
         server = await serve_router(RouterSettings.model_validate(data))
         self.exits.push_async_callback(server.stop, 0)
+        self.server = server  # the last router started (http_url: its OpenAI endpoint)
         await wait_for_health(server.address, timeout=10)
         channel = grpc.aio.insecure_channel(server.address)
         self.exits.push_async_callback(channel.close)
@@ -308,7 +310,11 @@ async def test_wrong_redis_url_fails_at_startup(stack):
     from tidegate.errors import ConfigError
 
     settings = RouterSettings.model_validate(
-        {"listen": "127.0.0.1:0", "cache": {"url": f"redis://{closed_port_address()}/0"}}
+        {
+            "listen": "127.0.0.1:0",
+            "http": {"listen": "127.0.0.1:0"},
+            "cache": {"url": f"redis://{closed_port_address()}/0"},
+        }
     )
     with pytest.raises(ConfigError, match="cache.url"):
         await serve_router(settings)

@@ -1,0 +1,379 @@
+"""The OpenAI-compatible HTTP front door of the router (Starlette on uvicorn).
+
+    POST /v1/chat/completions   unary, or server-sent events with ``stream: true``
+    GET  /v1/models             the routing profiles (router.openai_schema.PROFILES)
+    GET  /v1/models/{model}
+    GET  /health                200 while the router serves, 503 once it is stopping
+
+Every request goes through the same ``Pipeline`` as the gRPC service (cache,
+edge, estimator, escalation and whatever else the pipeline enforces); this
+module only translates. The API key arrives as ``Authorization: Bearer KEY``
+and is turned into a tenant by the same authenticator the gRPC side uses.
+
+The server runs on the router's event loop beside grpc.aio: ``serve_http``
+binds the socket itself (so port 0 works and a busy port is a ConfigError
+naming ``http.listen``, not uvicorn's ``sys.exit``) and leaves signal handling
+to the process that owns the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from router import openai_schema as schema
+from router.domain import RouteResult
+from router.pipeline import Pipeline
+from router.settings import HttpSettings
+from tidegate.errors import ConfigError, DeadlineExceeded, TidegateError
+from tidegate.server import split_address
+
+log = logging.getLogger(__name__)
+
+# A client-chosen request id (X-Request-Id) is kept when it is this tame.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+TIMEOUT_HEADER = "x-tidegate-timeout"  # seconds; shortens http.request_timeout_s
+
+# Turns the bearer token (None: no Authorization header) into a tenant, or
+# raises Unauthenticated. With no keys configured, everyone is tenant "".
+Authenticate = Callable[[str | None], str]
+
+
+def no_auth(token: str | None) -> str:
+    return ""
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _json_response(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _close(events: AsyncIterator[Any]) -> None:
+    """Close the pipeline's stream now, so its node calls stop with the client."""
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _frame(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+class OpenAIHttp:
+    """The ASGI app's handlers, bound to one pipeline."""
+
+    def __init__(
+        self, pipeline: Pipeline, settings: HttpSettings, authenticate: Authenticate = no_auth
+    ) -> None:
+        self.pipeline = pipeline
+        self.authenticate = authenticate
+        self.request_timeout_s = settings.request_timeout_s
+        self.max_body_bytes = settings.max_body_bytes
+        self.created = int(time.time())
+        self.stopping = False
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+            ],
+            exception_handlers={HTTPException: self._http_exception},
+        )
+
+    # -- endpoints -----------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        if self.stopping:
+            return _json_response({"status": "stopping"}, 503)
+        return _json_response({"status": "ok", "policy_version": self.pipeline.version})
+
+    async def list_models(self, request: Request) -> Response:
+        try:
+            self.authenticate(_bearer(request))
+        except TidegateError as exc:
+            return self._error(exc)
+        return _json_response(
+            {"object": "list", "data": [self._model(p) for p in schema.PROFILES.values()]}
+        )
+
+    async def get_model(self, request: Request) -> Response:
+        try:
+            self.authenticate(_bearer(request))
+        except TidegateError as exc:
+            return self._error(exc)
+        profile = schema.PROFILES.get(request.path_params["model"])
+        if profile is None:
+            return self._send(schema.model_not_found(request.path_params["model"]))
+        return _json_response(self._model(profile))
+
+    async def chat_completions(self, request: Request) -> Response:
+        request_id = self._request_id(request)
+        ids = {"x-request-id": request_id, "x-tidegate-request-id": request_id}
+        deadline: float | None = None
+        try:
+            tenant = self.authenticate(_bearer(request))
+            parsed = schema.parse_request(await self._body(request))
+            if parsed.model not in schema.PROFILES:
+                return self._send(schema.model_not_found(parsed.model), ids)
+            route = schema.to_route_request(parsed, tenant, request_id)
+            deadline = self._deadline(request)
+            if parsed.stream:
+                include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+                return await self._stream(route, parsed.model, include_usage, deadline, ids)
+            async with asyncio.timeout_at(deadline):
+                result = await self.pipeline.generate(route, deadline)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
+            return self._error(self._past_deadline(exc, deadline), ids)
+        body = schema.completion(result, parsed.model, int(time.time()))
+        return _json_response(body, headers={**ids, **schema.provenance_headers(result)})
+
+    # -- streaming -----------------------------------------------------------
+
+    async def _stream(
+        self,
+        route: Any,
+        model: str,
+        include_usage: bool,
+        deadline: float,
+        headers: dict[str, str],
+    ) -> Response:
+        """Wait for the first event before answering, so a request that fails
+        before any text (bad input, over budget, cloud down) gets its HTTP
+        status; later failures can only be an SSE error event."""
+        events = self.pipeline.stream(route, deadline)
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await anext(events)
+        except BaseException:
+            await _close(events)
+            raise
+        sse = self._sse(first, events, route.request_id, model, include_usage, deadline)
+        return StreamingResponse(
+            sse,
+            media_type="text/event-stream",
+            headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+
+    async def _sse(
+        self,
+        item: str | RouteResult,
+        events: AsyncIterator[str | RouteResult],
+        request_id: str,
+        model: str,
+        include_usage: bool,
+        deadline: float,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict[str, Any] | None, finish: str | None = None, **more: Any) -> str:
+            return _frame(schema.chunk(request_id, model, created, delta, finish, **more))
+
+        yield chunk({"role": "assistant", "content": ""}, **extra)
+        try:
+            while not isinstance(item, RouteResult):
+                if item:
+                    yield chunk({"content": item}, **extra)
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(events)
+            final = schema.provenance(item)
+            yield chunk({}, schema.finish_reason(item), **extra, tidegate=final)
+            if include_usage:
+                yield chunk(None, usage=schema.usage(item))
+        except Exception as exc:  # noqa: BLE001 - headers are gone: an error event it is
+            error = self._http_error(self._past_deadline(exc, deadline))
+            log.warning("stream %s failed after it started: %s", request_id, error.body)
+            yield _frame(error.body)
+        finally:
+            await _close(events)
+        yield _frame("[DONE]")
+
+    # -- helpers -------------------------------------------------------------
+
+    def _model(self, profile: schema.Profile) -> dict[str, Any]:
+        return {
+            "id": profile.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tidegate",
+            "tidegate": {"route": profile.route, "description": profile.description},
+        }
+
+    @staticmethod
+    def _request_id(request: Request) -> str:
+        given = request.headers.get("x-request-id", "")
+        return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+    def _deadline(self, request: Request) -> float:
+        timeout = self.request_timeout_s
+        raw = request.headers.get(TIMEOUT_HEADER)
+        if raw is not None:
+            try:
+                asked = float(raw)
+            except ValueError:
+                asked = -1.0
+            if not 0.0 < asked < float("inf"):
+                raise schema.BadRequest(
+                    f"{TIMEOUT_HEADER} must be a positive number of seconds (got {raw!r})"
+                )
+            timeout = min(timeout, asked)
+        return asyncio.get_running_loop().time() + timeout
+
+    async def _body(self, request: Request) -> Any:
+        data = bytearray()
+        async for part in request.stream():
+            data += part
+            if len(data) > self.max_body_bytes:
+                raise schema.BadRequest(
+                    f"the request body is over {self.max_body_bytes} bytes (http.max_body_bytes)"
+                )
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise schema.BadRequest(f"the request body is not valid JSON: {exc}") from exc
+
+    @staticmethod
+    def _past_deadline(exc: BaseException, deadline: float | None) -> BaseException:
+        """Whatever failed once the deadline has passed failed because of it
+        (a node cut off by its timeout reports UNAVAILABLE): 504, as gRPC would."""
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            if not isinstance(exc, DeadlineExceeded):
+                return DeadlineExceeded(
+                    "the request's deadline passed before an answer was ready "
+                    f"(http.request_timeout_s or {TIMEOUT_HEADER}); last error: "
+                    f"{exc or type(exc).__name__}"
+                )
+        return exc
+
+    @staticmethod
+    def _http_error(exc: BaseException) -> schema.HttpError:
+        if isinstance(exc, TidegateError):
+            return schema.http_error(exc)
+        log.exception("unexpected error while serving an HTTP request", exc_info=exc)
+        return schema.HttpError(
+            500,
+            schema.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+        )
+
+    def _error(self, exc: BaseException, headers: dict[str, str] | None = None) -> Response:
+        return self._send(self._http_error(exc), headers)
+
+    @staticmethod
+    def _send(error: schema.HttpError, headers: dict[str, str] | None = None) -> Response:
+        extra = dict(headers or {})
+        if error.status == 429:
+            extra["x-should-retry"] = "false"  # a spent budget does not refill in seconds
+        return _json_response(error.body, error.status, extra)
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        message = {
+            404: f"no route {request.url.path}: see /v1/chat/completions, /v1/models, /health",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(exc.status_code, str(exc.detail))
+        return self._send(
+            schema.HttpError(exc.status_code, schema.error_body(message, "invalid_request_error"))
+        )
+
+
+# -- the server --------------------------------------------------------------
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal handlers: the router process owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class HttpServer:
+    """A running HTTP server; ``url`` is where clients point ``base_url`` (+ /v1)."""
+
+    handlers: OpenAIHttp
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let requests in flight finish for ``grace`` seconds."""
+        self.handlers.stopping = True
+        self.server.config.timeout_graceful_shutdown = math.ceil(grace)
+        self.server.should_exit = True
+        await self.task
+
+
+def _bind(listen: str) -> socket.socket:
+    host, port = split_address(listen)
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise ConfigError(
+            f"http.listen {listen}: cannot listen there ({exc}); choose another port "
+            "(0 picks a free one) or set http.enabled: false"
+        ) from exc
+
+
+async def serve_http(
+    pipeline: Pipeline, settings: HttpSettings, authenticate: Authenticate = no_auth
+) -> HttpServer:
+    """Serve the endpoint on ``settings.listen`` (port 0: any free port) on this loop."""
+    listen = settings.listen
+    handlers = OpenAIHttp(pipeline, settings, authenticate)
+    sock = _bind(listen)
+    config = uvicorn.Config(
+        handlers.app(),
+        lifespan="off",  # the router's own start/stop is the lifespan
+        log_config=None,  # keep the process's logging as configured
+        access_log=False,
+        server_header=False,
+    )
+    server = _EmbeddedServer(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():  # failed during startup: surface its error
+            sock.close()
+            task.result()
+            raise RuntimeError(f"the HTTP server on {listen} stopped during startup")
+        await asyncio.sleep(0.005)
+    host, port = sock.getsockname()[:2]
+    log.info("OpenAI-compatible HTTP on http://%s:%d/v1", host, port)
+    return HttpServer(handlers, server, task, host, port)
