@@ -107,8 +107,23 @@ class NodeClient:
         self.tier = tier  # "edge" | "cloud"
         self.timeout_s = timeout_s
         self.health = NodeHealth()
+        # Least-loaded edge selection (router.directory): this router's calls in
+        # flight, and for registered edges what their last heartbeat reported.
+        self.in_flight = 0
+        self.capacity = 1  # concurrent requests it serves well; config nodes: 1
+        self.reported_load = 0  # in-flight + queued at the node, last heartbeat
+        self.heartbeat_at: float | None = None  # wall clock; None: from the config file
         self._channel: grpc.aio.Channel | None = None
         self._stub: model_node_pb2_grpc.ModelNodeStub | None = None
+
+    @property
+    def registered(self) -> bool:
+        """Announced itself through the edge registry (not listed in the config)."""
+        return self.heartbeat_at is not None
+
+    def load(self) -> float:
+        """(reported + own in-flight) / capacity: lower is asked first."""
+        return (self.reported_load + self.in_flight) / self.capacity
 
     def _get_stub(self) -> model_node_pb2_grpc.ModelNodeStub:
         if self._stub is None:
@@ -147,10 +162,13 @@ class NodeClient:
         self, request: model_node_pb2.NodeGenerateRequest, deadline: float | None
     ) -> NodeAnswer:
         timeout = self._timeout(deadline)
+        self.in_flight += 1
         try:
             response = await self._get_stub().Generate(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
+        finally:
+            self.in_flight -= 1
         self.health.ok()
         self.health.model = response.model or self.health.model
         return _answer_from_pb(response, self.name)
@@ -162,6 +180,7 @@ class NodeClient:
         its final chunk raises NodeUnavailable (it was cut)."""
         timeout = self._timeout(deadline)
         call = self._get_stub().GenerateStream(request, timeout=timeout)
+        self.in_flight += 1
         try:
             async for chunk in call:
                 if chunk.HasField("response"):
@@ -174,6 +193,7 @@ class NodeClient:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from exc
         finally:
+            self.in_flight -= 1
             call.cancel()  # no-op when finished; stops the node when we stop early
         detail = "the stream ended without its final response"
         self.health.failed(detail)
