@@ -13,6 +13,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from router.guard_settings import (
+    BreakerSettings,
+    BudgetSettings,
+    ReloadSettings,
+    RetrySettings,
+    RouterTls,
+    RuleSettings,
+    TenantSettings,
+)
 from tidegate.config import StrictModel, load_config
 from tidegate.server import split_address
 
@@ -39,6 +48,11 @@ class EdgeTarget(StrictModel):
     """Per-call limit; a slower edge counts as unavailable and the cloud answers.
     The client's own deadline shortens it further."""
 
+    expected_latency_s: float | None = Field(default=None, gt=0.0, le=3600.0)
+    """Latency assumed until calls are measured (then a moving average of the
+    measured ones); with a client deadline, an edge attempt that would not leave
+    the cloud time to answer is skipped. None: unknown until measured."""
+
     _address = field_validator("address")(_check_address)
 
 
@@ -54,6 +68,11 @@ class CloudTarget(StrictModel):
     timeout_s: float = Field(default=120.0, gt=0.0, le=3600.0)
     """Per-call limit (larger than the edge's: the cloud is the last resort).
     The client's own deadline shortens it further."""
+
+    expected_latency_s: float | None = Field(default=None, gt=0.0, le=3600.0)
+    """Latency assumed until calls are measured (then a moving average of the
+    measured ones); with a client deadline, an edge attempt that would not leave
+    the cloud time to answer is skipped. None: unknown until measured."""
 
     _address = field_validator("address")(_check_address)
 
@@ -97,6 +116,15 @@ class PolicySettings(StrictModel):
     """When escalation fails because every cloud node is down: ``error`` answers
     UNAVAILABLE naming the nodes; ``degraded`` serves the edge answer (when
     there is one) flagged "degraded" and never caches it."""
+
+    on_over_budget: Literal["error", "edge"] = "error"
+    """When the tenant's cloud-token budget cannot cover an escalation: ``error``
+    answers RESOURCE_EXHAUSTED naming the tenant and the window; ``edge`` serves
+    the edge answer (when there is one) flagged "over_budget", never cached."""
+
+    deadline_margin_s: float = Field(default=0.05, ge=0.0, le=60.0)
+    """Kept back from the client's deadline for the router's own work, so it
+    answers (or fails) before the client gives up."""
 
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> PolicySettings:
@@ -191,6 +219,29 @@ class RouterSettings(StrictModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     """Response cache."""
 
+    tenants: list[TenantSettings] = Field(default_factory=list, max_length=100_000)
+    """Tenants and their API keys. Empty: no authentication, and the tenant is
+    whatever a request names. Otherwise every request needs a key."""
+
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    """Per-tenant cloud-token and request-rate budgets."""
+
+    rules: list[RuleSettings] = Field(default_factory=list, max_length=1000)
+    """Routing rules (privacy pinning, forced tier, per-tenant thresholds and
+    deadlines); the first that matches a request decides."""
+
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    """Bounded retries within a tier."""
+
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    """Circuit breaker per node."""
+
+    tls: RouterTls = Field(default_factory=RouterTls)
+    """TLS towards clients and nodes."""
+
+    reload: ReloadSettings = Field(default_factory=ReloadSettings)
+    """Hot reload of the config file."""
+
     http: HttpSettings = Field(default_factory=HttpSettings)
     """The OpenAI-compatible HTTP endpoint."""
 
@@ -204,6 +255,20 @@ class RouterSettings(StrictModel):
             raise ValueError(
                 f"edge/cloud node names must be unique; repeated: {', '.join(duplicates)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _unique_tenants_and_rules(self) -> RouterSettings:
+        for what, names in (
+            ("tenant", [t.name for t in self.tenants]),
+            ("rule", [r.name for r in self.rules]),
+        ):
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"{what} names must be unique; repeated: {', '.join(repeated)}")
+        hashes = [h for t in self.tenants for h in t.api_key_hashes]
+        if len(hashes) != len(set(hashes)):
+            raise ValueError("an API key hash appears under more than one tenant (or twice)")
         return self
 
 
