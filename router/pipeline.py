@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from router import provenance
 from router.cache import CacheEntry, ResponseCache
+from router.directory import least_loaded
 from router.domain import Escalation, NodeAnswer, RouteRequest, RouteResult, Tier
 from router.nodes import NodeClient, NodeRejected, NodeUnavailable, node_request
 from router.plan import Plan, make_plan
@@ -53,6 +54,10 @@ class NodeState:
     healthy: bool
     model: str
     last_error: str
+    registered: bool = False  # announced itself through the edge registry
+    capacity: int = 1
+    load: float = 0.0  # (reported + this router's in-flight) / capacity
+    heartbeat_age_s: float = 0.0  # registered edges: since the last heartbeat
 
 
 @dataclass(frozen=True)
@@ -205,7 +210,7 @@ class Pipeline:
         request_pb = node_request(plan.request.messages, plan.sampling, plan.request_id)
         failures: list[str] = []
         # Healthy nodes first; each is tried once, so a dead edge costs one attempt.
-        for node in sorted(self.edges, key=lambda n: not n.health.healthy):
+        for node in self.candidate_edges():
             started = time.perf_counter()
             try:
                 answer = await node.generate(request_pb, deadline)
@@ -231,6 +236,11 @@ class Pipeline:
         return EdgeOutcome(
             Decision.escalate(Escalation.EDGE_UNAVAILABLE, "; ".join(failures)), None
         )
+
+    def candidate_edges(self) -> list[NodeClient]:
+        """The edges to try, in order: healthy first, then least loaded
+        (``router.directory``). ``self.edges`` also holds registered edges."""
+        return least_loaded(self.edges)
 
     async def _ask_cloud(self, plan: Plan, deadline: float | None, watch: Stopwatch) -> NodeAnswer:
         """The first cloud node that answers; each is tried once, in order."""
@@ -324,6 +334,12 @@ class Pipeline:
                     n.health.healthy,
                     n.health.model,
                     n.health.last_error,
+                    registered=n.registered,
+                    capacity=n.capacity,
+                    load=n.load(),
+                    heartbeat_age_s=(
+                        max(0.0, time.time() - n.heartbeat_at) if n.heartbeat_at else 0.0
+                    ),
                 )
                 for n in nodes
             ),

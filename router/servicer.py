@@ -75,6 +75,10 @@ def status_to_pb(status: RouterStatus) -> router_pb2.StatusResponse:
                 healthy=n.healthy,
                 model=n.model,
                 last_error=n.last_error,
+                registered=n.registered,
+                capacity=n.capacity,
+                load=n.load,
+                heartbeat_age_s=n.heartbeat_age_s,
             )
             for n in status.nodes
         ],

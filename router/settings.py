@@ -198,6 +198,71 @@ class HttpSettings(StrictModel):
     _listen = field_validator("listen")(_check_address)
 
 
+class RegistrySettings(StrictModel):
+    """Edges that register themselves (``tidegate edge serve --register ROUTER``):
+    the router serves ``tidegate.v1.EdgeRegistry`` on its gRPC port and sends
+    work to live registered edges beside those listed under ``edge``."""
+
+    enabled: bool = True
+    """Accept registrations. Anyone who can reach the router's port can register
+    an edge and receive prompts: beyond loopback, set ``token_env`` (or TLS)."""
+
+    store: Literal["auto", "memory", "redis"] = "auto"
+    """Where leases live. ``memory``: in this router (a restart forgets them;
+    edges re-register within a heartbeat). ``redis``: shared by every router
+    replica using the same Redis and ``key_prefix``. ``auto``: Redis when
+    ``url`` or ``cache.url`` is set, memory otherwise."""
+
+    url: str | None = None
+    """Redis for the registry; unset: the cache's ``cache.url`` (replicas that
+    share a cache share the registry too)."""
+
+    key_prefix: str = Field(default="tidegate:registry:", min_length=1, max_length=128)
+    """Redis only: prefix of the registry's keys."""
+
+    heartbeat_interval_s: float = Field(default=5.0, ge=0.05, le=3600.0)
+    """How often edges are told to heartbeat (their load travels with it)."""
+
+    ttl_s: float = Field(default=15.0, ge=0.1, le=86400.0)
+    """An edge silent for longer than this is dropped; at least twice
+    ``heartbeat_interval_s``, so one lost heartbeat does not drop it."""
+
+    refresh_interval_s: float = Field(default=1.0, ge=0.02, le=60.0)
+    """How often this router re-reads the registry: how soon edges registered
+    at another replica (or expired) show up here."""
+
+    edge_timeout_s: float = Field(default=10.0, gt=0.0, le=600.0)
+    """Per-call limit for registered edges (``edge[].timeout_s`` for listed ones)."""
+
+    max_edges: int = Field(default=256, ge=1, le=100_000)
+    """At most this many registered edges (RESOURCE_EXHAUSTED beyond)."""
+
+    token_env: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"
+    )
+    """Name of the environment variable holding a shared registration token
+    (never the token itself). Set: Register/Heartbeat/Deregister without it in
+    the ``x-tidegate-registry-token`` metadata are UNAUTHENTICATED."""
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"registry.url must start with redis://, rediss:// or unix:// (got {value!r})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _ttl_outlives_heartbeats(self) -> RegistrySettings:
+        if self.ttl_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"registry.ttl_s ({self.ttl_s}) must be at least twice "
+                f"registry.heartbeat_interval_s ({self.heartbeat_interval_s})"
+            )
+        return self
+
+
 class RouterSettings(StrictModel):
     """Everything the router needs: where to listen, which nodes, which policy."""
 
@@ -245,7 +310,26 @@ class RouterSettings(StrictModel):
     http: HttpSettings = Field(default_factory=HttpSettings)
     """The OpenAI-compatible HTTP endpoint."""
 
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    """Edges that register themselves and heartbeat (the edge registry)."""
+
     _listen = field_validator("listen")(_check_address)
+
+    @property
+    def registry_store(self) -> tuple[Literal["memory", "redis"], str | None]:
+        """(store, Redis URL) after resolving ``registry.store: auto``."""
+        url = self.registry.url or self.cache.url
+        if self.registry.store == "memory" or (self.registry.store == "auto" and url is None):
+            return "memory", None
+        return "redis", url
+
+    @model_validator(mode="after")
+    def _registry_has_a_redis(self) -> RouterSettings:
+        if self.registry.store == "redis" and not (self.registry.url or self.cache.url):
+            raise ValueError(
+                "registry.store is redis but neither registry.url nor cache.url is set"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_node_names(self) -> RouterSettings:
