@@ -51,13 +51,14 @@ log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 TIMEOUT_HEADER = "x-tidegate-timeout"  # seconds; shortens http.request_timeout_s
 
-# Turns the bearer token (None: no Authorization header) into a tenant, or
-# raises Unauthenticated. With no keys configured, everyone is tenant "".
-Authenticate = Callable[[str | None], str]
+# (bearer token or None, the tenant the body names) → the tenant, or raises
+# Unauthenticated / PermissionDenied: router.auth.Authenticator's contract.
+Authenticate = Callable[[str | None, str], str]
 
 
-def no_auth(token: str | None) -> str:
-    return ""
+def no_auth(token: str | None, requested_tenant: str) -> str:
+    """No keys configured: the tenant is whatever the request names."""
+    return requested_tenant
 
 
 def _bearer(request: Request) -> str | None:
@@ -119,7 +120,7 @@ class OpenAIHttp:
 
     async def list_models(self, request: Request) -> Response:
         try:
-            self.authenticate(_bearer(request))
+            self.authenticate(_bearer(request), "")
         except TidegateError as exc:
             return self._error(exc)
         return _json_response(
@@ -128,7 +129,7 @@ class OpenAIHttp:
 
     async def get_model(self, request: Request) -> Response:
         try:
-            self.authenticate(_bearer(request))
+            self.authenticate(_bearer(request), "")
         except TidegateError as exc:
             return self._error(exc)
         profile = schema.PROFILES.get(request.path_params["model"])
@@ -141,8 +142,11 @@ class OpenAIHttp:
         ids = {"x-request-id": request_id, "x-tidegate-request-id": request_id}
         deadline: float | None = None
         try:
-            tenant = self.authenticate(_bearer(request))
+            token = _bearer(request)
+            tenant = self.authenticate(token, "")  # a bad key is 401 whatever the body
             parsed = schema.parse_request(await self._body(request))
+            if parsed.tidegate.tenant:
+                tenant = self.authenticate(token, parsed.tidegate.tenant)
             if parsed.model not in schema.PROFILES:
                 return self._send(schema.model_not_found(parsed.model), ids)
             route = schema.to_route_request(parsed, tenant, request_id)
@@ -335,7 +339,10 @@ class HttpServer:
     async def stop(self, grace: float) -> None:
         """Stop accepting, let requests in flight finish for ``grace`` seconds."""
         self.handlers.stopping = True
-        self.server.config.timeout_graceful_shutdown = math.ceil(grace)
+        # uvicorn takes whole seconds, and logs an error for a zero timeout even
+        # with nothing in flight: 0 means "do not wait" (force_exit) instead.
+        self.server.config.timeout_graceful_shutdown = max(1, math.ceil(grace))
+        self.server.force_exit = grace <= 0
         self.server.should_exit = True
         await self.task
 

@@ -79,6 +79,7 @@ class TidegateOptions(BaseModel):
 
     min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     tags: list[str] = Field(default_factory=list, max_length=32)
+    tenant: str = Field(default="", max_length=128)  # with API keys: empty, or the key's own
 
 
 class ChatCompletionRequest(_Lenient):

@@ -1,0 +1,341 @@
+"""The router's OpenAI-compatible HTTP endpoint, end to end.
+
+A real uvicorn server on 127.0.0.1 port 0 in the test's event loop, started by
+``serve_router`` beside gRPC, over the real pipeline and real ModelNode servers
+running tiny random transformers models (``Stack`` from test_router_e2e). It is
+called with the official ``openai`` client and with plain HTTP (httpx).
+
+As in test_router_e2e, a tiny model's confidence means nothing, so the tier is
+chosen with ``min_confidence`` (the ``tidegate`` extension object): 0 keeps the
+edge answer, 1 escalates.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.test_router_e2e import (
+    QUESTION,
+    CountingBackend,
+    Stack,
+    closed_port_address,
+    cloud_backend,
+)
+from tests.support.tiny_models import tiny_backend
+
+KEEP_EDGE = {"tidegate": {"min_confidence": 0.0}}
+ESCALATE = {"tidegate": {"min_confidence": 1.0}}
+
+
+def ask(**extra: Any) -> dict[str, Any]:
+    return {"model": "tidegate", "messages": [{"role": "user", "content": QUESTION}], **extra}
+
+
+def client(base: str) -> openai.AsyncOpenAI:
+    # No retries: a test must see the first answer, not the third.
+    return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+
+
+def sse_events(text: str) -> list[str]:
+    """The data of each server-sent event, in order."""
+    events = [block for block in text.split("\n\n") if block]
+    assert all(e.startswith("data: ") for e in events), events
+    return [e.removeprefix("data: ") for e in events]
+
+
+@pytest.fixture
+async def stack():
+    from contextlib import AsyncExitStack
+
+    async with AsyncExitStack() as exits:
+        yield Stack(exits)
+
+
+@pytest.fixture
+async def duo(stack):
+    """A counted edge and a counted cloud; returns (http base URL, edge, cloud)."""
+    edge = CountingBackend(tiny_backend(seed=0))
+    cloud = CountingBackend(cloud_backend())
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router([edge_server.address], [cloud_server.address])
+    assert stack.server.http_url.startswith("http://127.0.0.1:")
+    assert not stack.server.http_url.endswith(":8080")  # port 0: a free port
+    return stack.server.http_url, edge, cloud
+
+
+async def post(base: str, body: Any, **kwargs: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        if isinstance(body, bytes):
+            return await http.post("/v1/chat/completions", content=body, **kwargs)
+        return await http.post("/v1/chat/completions", json=body, **kwargs)
+
+
+# -- the official client -------------------------------------------------------
+
+
+async def test_openai_client_gets_an_edge_answer_with_provenance(duo):
+    base, edge, cloud = duo
+    raw = await client(base).chat.completions.with_raw_response.create(
+        model="tidegate",
+        messages=[{"role": "user", "content": QUESTION}],
+        extra_body=KEEP_EDGE,
+    )
+    completion = raw.parse()
+    assert completion.object == "chat.completion" and completion.model == "tidegate"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage.prompt_tokens > 0 and completion.usage.completion_tokens > 0
+    assert completion.usage.total_tokens == (
+        completion.usage.prompt_tokens + completion.usage.completion_tokens
+    )
+    extra = completion.model_extra["tidegate"]
+    assert extra["tier"] == "edge" and extra["escalation_code"] == "none"
+    assert extra["estimator"] == "seq_prob" and extra["model"] == "tiny-llama-s0@tiny/none"
+    assert extra["threshold"] == 0.0 and extra["policy_version"] == "test-7"
+    assert completion.id == f"chatcmpl-{extra['request_id']}"
+    headers = raw.headers
+    assert headers["x-tidegate-tier"] == "edge"
+    assert headers["x-tidegate-estimator"] == "seq_prob"
+    assert float(headers["x-tidegate-confidence"]) == pytest.approx(extra["confidence"], abs=1e-6)
+    assert headers["x-tidegate-escalation-reason"] == ""
+    assert float(headers["x-tidegate-router-overhead-ms"]) >= 0.0
+    assert headers["x-tidegate-request-id"] == extra["request_id"]
+    assert (edge.calls, cloud.calls) == (1, 0)
+
+
+async def test_escalation_then_cache_hit_through_the_openai_client(duo):
+    base, edge, cloud = duo
+    api = client(base)
+    messages = [{"role": "user", "content": QUESTION}]
+    own = {"tidegate": {"min_confidence": 1.0, "tenant": uuid.uuid4().hex}}
+    first = await api.chat.completions.with_raw_response.create(
+        model="tidegate", messages=messages, extra_body=own
+    )
+    assert first.headers["x-tidegate-tier"] == "cloud"
+    assert first.headers["x-tidegate-escalation-reason"].startswith("edge confidence ")
+    assert first.parse().model_extra["tidegate"]["escalation_code"] == "low_confidence"
+    second = await api.chat.completions.with_raw_response.create(
+        model="tidegate", messages=messages, extra_body=own
+    )
+    assert second.headers["x-tidegate-tier"] == "cache"
+    assert second.headers["x-tidegate-source-tier"] == "cloud"
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert (edge.calls, cloud.calls) == (1, 1)
+
+
+async def test_openai_client_streams_with_usage_and_provenance_in_the_final_chunk(duo):
+    base, edge, cloud = duo
+    api = client(base)
+    messages = [{"role": "user", "content": QUESTION}]
+    own = {"tidegate": {"min_confidence": 1.0, "tenant": uuid.uuid4().hex}}
+    unary = await api.chat.completions.create(model="tidegate", messages=messages, extra_body=own)
+    # Greedy decoding ignores the seed, but the cache key does not: the cloud streams again.
+    stream = await api.chat.completions.create(
+        model="tidegate",
+        messages=messages,
+        seed=1,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=own,
+    )
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len(chunks) > 4  # role, several deltas, final, usage
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == unary.choices[0].message.content
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1 and final[0].choices[0].delta.content is None
+    provenance = final[0].model_extra["tidegate"]
+    assert provenance["tier"] == "cloud" and provenance["escalation_code"] == "low_confidence"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert all(c.usage is None for c in chunks[:-1])
+    assert {c.id for c in chunks} == {f"chatcmpl-{provenance['request_id']}"}
+    assert (edge.calls, cloud.calls) == (2, 2)
+
+
+async def test_models_and_health(duo):
+    base, _, _ = duo
+    api = client(base)
+    models = await api.models.list()
+    assert [m.id for m in models.data] == ["tidegate", "tidegate-edge", "tidegate-cloud"]
+    assert all(m.owned_by == "tidegate" for m in models.data)
+    assert (await api.models.retrieve("tidegate-edge")).id == "tidegate-edge"
+    with pytest.raises(openai.NotFoundError):
+        await api.models.retrieve("gpt-4o")
+    async with httpx.AsyncClient(base_url=base) as http:
+        health = await http.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        missing = await http.get("/v2/nothing")
+        assert missing.status_code == 404 and "error" in missing.json()
+
+
+async def test_unknown_model_is_404_model_not_found(duo):
+    base, edge, cloud = duo
+    response = await post(base, ask(model="gpt-4o"))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+    assert response.json()["error"]["param"] == "model"
+    assert "tidegate-edge" in response.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as info:
+        await client(base).chat.completions.create(model="gpt-4o", messages=ask()["messages"])
+    assert info.value.code == "model_not_found"
+    assert (edge.calls, cloud.calls) == (0, 0)
+
+
+# -- plain HTTP: bad requests --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        pytest.param(b"{not json", None, "not valid JSON", id="invalid-json"),
+        pytest.param([1, 2], None, "JSON object", id="not-an-object"),
+        pytest.param({"model": "tidegate"}, "messages", "messages", id="no-messages"),
+        pytest.param(ask(messages=[]), None, "conversation is empty", id="empty-conversation"),
+        pytest.param(
+            ask(messages=[{"role": "user", "content": "  "}]), None, "question is empty", id="blank"
+        ),
+        pytest.param(ask(n=2), "n", "n > 1", id="n"),
+        pytest.param(
+            ask(tools=[{"type": "function", "function": {"name": "f"}}]),
+            "tools",
+            "tool calling",
+            id="tools",
+        ),
+        pytest.param(ask(temperature=5), None, "temperature must be in [0, 2]", id="temperature"),
+        pytest.param(ask(max_tokens=0), "max_tokens", "greater than or equal to 1", id="max-0"),
+        pytest.param(ask(max_tokens=100_000), None, "over this server's limit", id="max-over"),
+        pytest.param(ask(stop=[""]), None, "stop", id="empty-stop"),
+        pytest.param(ask(seed=-1), "seed", "greater than or equal to 0", id="negative-seed"),
+        pytest.param(
+            ask(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
+            "messages.0.content",
+            "only text",
+            id="image",
+        ),
+        pytest.param(
+            ask(messages=[{"role": "tool", "content": "42"}]), None, "unknown role", id="tool-role"
+        ),
+        pytest.param(
+            ask(tidegate={"min_confidnce": 0.5}), "tidegate.min_confidnce", "Extra", id="typo-ext"
+        ),
+        pytest.param(
+            ask(max_tokens=5, max_completion_tokens=6),
+            "max_completion_tokens",
+            "disagree",
+            id="max-disagree",
+        ),
+    ],
+)
+async def test_bad_requests_are_400_with_an_openai_error_body(duo, body, param, words):
+    base, edge, cloud = duo
+    response = await post(base, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert words in error["message"]
+    assert error["param"] == param
+    assert (edge.calls, cloud.calls) == (0, 0)
+    # ...and the router keeps serving.
+    ok = await post(base, ask(**KEEP_EDGE))
+    assert ok.status_code == 200 and ok.headers["x-tidegate-tier"] == "edge"
+
+
+async def test_harmless_openai_fields_are_accepted(duo):
+    base, _, _ = duo
+    body = ask(
+        n=1,
+        tools=[],
+        logprobs=False,
+        presence_penalty=0,
+        response_format={"type": "text"},
+        user="someone",
+        metadata={"a": "b"},
+        a_field_from_the_future=True,
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
+        ],
+        max_completion_tokens=4,
+        stop="\n",
+        seed=3,
+        top_p=0.9,
+        temperature=0.0,
+        **KEEP_EDGE,
+    )
+    response = await post(base, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= 4
+
+
+async def test_client_request_id_is_kept(duo):
+    base, _, _ = duo
+    response = await post(base, ask(**KEEP_EDGE), headers={"x-request-id": "abc-123"})
+    assert response.headers["x-tidegate-request-id"] == "abc-123"
+    assert response.json()["id"] == "chatcmpl-abc-123"
+
+
+# -- plain HTTP: failures ------------------------------------------------------
+
+
+async def test_cloud_down_is_503_unary_and_streaming(stack):
+    edge_server = await stack.node("edge", tiny_backend(seed=0))
+    down = closed_port_address()
+    await stack.router([edge_server.address], [down])
+    base = stack.server.http_url
+    response = await post(base, ask(**ESCALATE))
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "service_unavailable" and error["type"] == "server_error"
+    assert f"cloud node cloud0 at {down} is unavailable" in error["message"]
+    # A stream that fails before its first token still gets the HTTP status.
+    streamed = await post(base, ask(stream=True, **ESCALATE))
+    assert streamed.status_code == 503
+    assert streamed.json()["error"]["code"] == "service_unavailable"
+    with pytest.raises(openai.InternalServerError) as info:
+        await client(base).chat.completions.create(
+            model="tidegate", messages=ask()["messages"], extra_body=ESCALATE
+        )
+    assert info.value.status_code == 503
+
+
+async def test_deadline_is_504(stack):
+    edge_server = await stack.node("edge", tiny_backend(seed=0))
+    slow_cloud = CountingBackend(cloud_backend(), delay_s=3.0)
+    cloud_server = await stack.node("cloud", slow_cloud, estimator=None)
+    await stack.router([edge_server.address], [cloud_server.address])
+    response = await post(
+        stack.server.http_url, ask(**ESCALATE), headers={"x-tidegate-timeout": "0.5"}
+    )
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    bad = await post(stack.server.http_url, ask(**ESCALATE), headers={"x-tidegate-timeout": "soon"})
+    assert bad.status_code == 400 and "x-tidegate-timeout" in bad.json()["error"]["message"]
+
+
+async def test_a_stream_cut_after_its_first_token_ends_with_an_error_event(stack):
+    edge_server = await stack.node("edge", tiny_backend(seed=0))
+    cut = CountingBackend(cloud_backend(), cut_stream=True)
+    cloud_server = await stack.node("cloud", cut, estimator=None)
+    await stack.router([edge_server.address], [cloud_server.address])
+    response = await post(stack.server.http_url, ask(stream=True, **ESCALATE))
+    assert response.status_code == 200  # the headers had gone when the cloud failed
+    events = sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "service_unavailable" and "cut the stream" in error["message"]
+    assert not any('finish_reason": "stop' in e for e in events)
+    stream = await client(stack.server.http_url).chat.completions.create(
+        model="tidegate", messages=ask()["messages"], stream=True, extra_body=ESCALATE
+    )
+    with pytest.raises(openai.APIError, match="cut the stream"):
+        async for _ in stream:
+            pass
