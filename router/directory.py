@@ -50,7 +50,6 @@ class EdgeDirectory:
         self.store = store
         self._make_client = make_client
         self._refresh_interval_s = refresh_interval_s
-        self._records: dict[str, EdgeRecord] = {}
         self._lock = asyncio.Lock()
         self._loop_task: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[None], NodeClient] = {}
@@ -78,7 +77,6 @@ class EdgeDirectory:
                 record = records.get(node.name)
                 if record is None or record.address != node.address:
                     self.nodes.remove(node)
-                    self._records.pop(node.name, None)
                     self._retire(node)
                     log.info(
                         "edge %s at %s %s",
@@ -88,23 +86,25 @@ class EdgeDirectory:
                     )
             present = {n.name: n for n in self.nodes if n.registered}
             for record in records.values():
-                node = present.get(record.name)
-                if node is None:
-                    if any(n.name == record.name for n in self.nodes):
-                        continue  # a config node's name: the servicer refuses these
-                    node = self._make_client(record)
-                    self.nodes.append(node)
-                    log.info(
-                        "edge %s registered at %s (%s, capacity %d)",
-                        record.name,
-                        record.address,
-                        record.model or "model unknown",
-                        record.capacity,
-                    )
-                self._apply(node, record)
+                current = present.get(record.name) or self._add(record)
+                if current is not None:
+                    self._apply(current, record)
+
+    def _add(self, record: EdgeRecord) -> NodeClient | None:
+        if any(n.name == record.name for n in self.nodes):
+            return None  # a config node's name: the servicer refuses these
+        node = self._make_client(record)
+        self.nodes.append(node)
+        log.info(
+            "edge %s registered at %s (%s, capacity %d)",
+            record.name,
+            record.address,
+            record.model or "model unknown",
+            record.capacity,
+        )
+        return node
 
     def _apply(self, node: NodeClient, record: EdgeRecord) -> None:
-        self._records[record.name] = record
         node.capacity = max(1, record.capacity)
         node.reported_load = record.in_flight + record.queued
         node.heartbeat_at = record.heartbeat_at

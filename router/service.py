@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from router.cache import RedisCache, open_cache
 from router.nodes import NodeClient
 from router.pipeline import Pipeline
+from router.registry import EdgeRecord
+from router.registry_servicer import RegistryServicer, build_registry
 from router.servicer import RouterServicer
 from router.settings import RouterSettings
 from tidegate.errors import ConfigError
@@ -39,12 +41,27 @@ def build_router(settings: RouterSettings) -> RouterServicer:
     return RouterServicer(pipeline)
 
 
+def _registry(settings: RouterSettings, pipeline: Pipeline) -> RegistryServicer | None:
+    """The edge registry (when enabled): registered edges join ``pipeline.edges``."""
+    if not settings.registry.enabled:
+        return None
+
+    def registered_edge(record: EdgeRecord) -> NodeClient:
+        # Dialled like the config edges; its timeout comes from the registry settings.
+        return NodeClient(record.name, record.address, "edge", settings.registry.edge_timeout_s)
+
+    store, url = settings.registry_store
+    reserved = {t.name for t in settings.edge} | {t.name for t in settings.cloud}
+    return build_registry(settings.registry, store, url, pipeline.edges, reserved, registered_edge)
+
+
 @dataclass
 class RouterServer(RunningServer):
     """A running router; ``stop`` also stops the HTTP endpoint and closes node
     channels and the cache."""
 
     servicer: RouterServicer | None = None
+    registry: RegistryServicer | None = None  # the edge registry, when enabled
     http: HttpServer | None = None  # the OpenAI-compatible endpoint, when enabled
 
     @property
@@ -59,6 +76,8 @@ class RouterServer(RunningServer):
                 stops.append(self.http.stop(grace))
             await asyncio.gather(*stops)
         finally:
+            if self.registry is not None:
+                await self.registry.close()
             if self.servicer is not None:
                 await self.servicer.close()
 
@@ -84,7 +103,11 @@ async def serve_router(settings: RouterSettings) -> RouterServer:
     startup, not as a silent miss on every request. Raises ConfigError then.
     """
     servicer = build_router(settings)
+    registry: RegistryServicer | None = None
     try:
+        registry = _registry(settings, servicer.pipeline)
+        if registry is not None:
+            await registry.ping()
         cache = servicer.pipeline.cache
         if isinstance(cache, RedisCache):
             try:
@@ -93,13 +116,18 @@ async def serve_router(settings: RouterSettings) -> RouterServer:
                 raise ConfigError(
                     f"cache.url {settings.cache.url}: Redis did not answer ({exc})"
                 ) from exc
-        running = await start_server([servicer.service()], settings.listen)
+        services = [servicer.service()] + ([registry.service()] if registry else [])
+        running = await start_server(services, settings.listen)
+        if registry is not None:
+            registry.directory.start()
         try:
             http = await _serve_http(settings, servicer)
         except BaseException:
             await running.stop(0)
             raise
     except BaseException:
+        if registry is not None:
+            await registry.close()
         await servicer.close()
         raise
     log.info(
@@ -117,4 +145,5 @@ async def serve_router(settings: RouterSettings) -> RouterServer:
         health=running.health,
         servicer=servicer,
         http=http,
+        registry=registry,
     )
