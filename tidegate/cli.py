@@ -68,6 +68,8 @@ async def _serve(role: str, config: str | None) -> None:
         settings = load_config(RouterSettings, config, env_prefix="TIDEGATE_ROUTER")
         running.append(await serve_router(settings))
     print(f"tidegate {role} serving on {running[0].address}", flush=True)
+    if getattr(running[0], "http_url", None):  # the router's OpenAI-compatible endpoint
+        print(f"OpenAI-compatible API on {running[0].http_url}/v1", flush=True)
     try:
         await _wait_for_signal()
     finally:
@@ -122,8 +124,16 @@ async def start_local_stack(config_dir: str | None = None, log=print):  # type: 
 
 async def _up(config_dir: str | None) -> None:
     servers = await start_local_stack(config_dir, log=lambda m: print(m, flush=True))
-    print(f"router listening on {servers[-1].address}", flush=True)
-    print(f"try: tidegate ask --router {servers[-1].address} 'What is the capital of France?'")
+    router = servers[-1]
+    print(f"router listening on {router.address}", flush=True)
+    print(f"try: tidegate ask --router {router.address} 'What is the capital of France?'")
+    if router.http_url:
+        print(f"OpenAI-compatible API on {router.http_url}/v1", flush=True)
+        print(
+            f"try: curl {router.http_url}/v1/chat/completions -H 'content-type: application/json'"
+            ' -d \'{"model": "tidegate", "messages": [{"role": "user", "content": "Hi!"}]}\'',
+            flush=True,
+        )
     try:
         await _wait_for_signal()
     finally:
