@@ -28,6 +28,8 @@ class EscalationCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ESCALATION_CODE_OVER_EDGE_BUDGET: _ClassVar[EscalationCode]
     ESCALATION_CODE_EDGE_UNAVAILABLE: _ClassVar[EscalationCode]
     ESCALATION_CODE_EDGE_TRUNCATED: _ClassVar[EscalationCode]
+    ESCALATION_CODE_DEADLINE: _ClassVar[EscalationCode]
+    ESCALATION_CODE_RULE: _ClassVar[EscalationCode]
 CACHE_CONTROL_DEFAULT: CacheControl
 CACHE_CONTROL_BYPASS: CacheControl
 CACHE_CONTROL_REFRESH: CacheControl
@@ -40,6 +42,8 @@ ESCALATION_CODE_LOW_CONFIDENCE: EscalationCode
 ESCALATION_CODE_OVER_EDGE_BUDGET: EscalationCode
 ESCALATION_CODE_EDGE_UNAVAILABLE: EscalationCode
 ESCALATION_CODE_EDGE_TRUNCATED: EscalationCode
+ESCALATION_CODE_DEADLINE: EscalationCode
+ESCALATION_CODE_RULE: EscalationCode
 
 class GenerateRequest(_message.Message):
     __slots__ = ("messages", "sampling", "tenant", "tags", "min_confidence", "request_id", "cache_control")
@@ -128,7 +132,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "address", "tier", "healthy", "model", "last_error", "consecutive_failures", "cooldown_remaining_s", "registered", "capacity", "load", "heartbeat_age_s")
+    __slots__ = ("name", "address", "tier", "healthy", "model", "last_error", "consecutive_failures", "cooldown_remaining_s", "registered", "capacity", "load", "heartbeat_age_s", "breaker", "expected_latency_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +145,8 @@ class NodeStatus(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     tier: str
@@ -153,7 +159,9 @@ class NodeStatus(_message.Message):
     capacity: int
     load: float
     heartbeat_age_s: float
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., healthy: _Optional[bool] = ..., model: _Optional[str] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., cooldown_remaining_s: _Optional[float] = ..., registered: _Optional[bool] = ..., capacity: _Optional[int] = ..., load: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ...) -> None: ...
+    breaker: str
+    expected_latency_ms: float
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., healthy: _Optional[bool] = ..., model: _Optional[str] = ..., last_error: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., cooldown_remaining_s: _Optional[float] = ..., registered: _Optional[bool] = ..., capacity: _Optional[int] = ..., load: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., breaker: _Optional[str] = ..., expected_latency_ms: _Optional[float] = ...) -> None: ...
 
 class BudgetStatus(_message.Message):
     __slots__ = ("tenant", "window", "unit", "limit", "remaining")
@@ -170,7 +178,7 @@ class BudgetStatus(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., window: _Optional[str] = ..., unit: _Optional[str] = ..., limit: _Optional[float] = ..., remaining: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("nodes", "cache_entries", "cache_hits", "cache_misses", "policy_version", "cache_semantic_hits", "cache_shared", "budgets")
+    __slots__ = ("nodes", "cache_entries", "cache_hits", "cache_misses", "policy_version", "cache_semantic_hits", "cache_shared", "budgets", "last_reload_error")
     NODES_FIELD_NUMBER: _ClassVar[int]
     CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +187,7 @@ class StatusResponse(_message.Message):
     CACHE_SEMANTIC_HITS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SHARED_FIELD_NUMBER: _ClassVar[int]
     BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RELOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     cache_entries: int
     cache_hits: int
@@ -187,4 +196,5 @@ class StatusResponse(_message.Message):
     cache_semantic_hits: int
     cache_shared: bool
     budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., cache_entries: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., policy_version: _Optional[str] = ..., cache_semantic_hits: _Optional[int] = ..., cache_shared: _Optional[bool] = ..., budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ...) -> None: ...
+    last_reload_error: str
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., cache_entries: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., policy_version: _Optional[str] = ..., cache_semantic_hits: _Optional[int] = ..., cache_shared: _Optional[bool] = ..., budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ..., last_reload_error: _Optional[str] = ...) -> None: ...
