@@ -34,6 +34,22 @@ class Escalation(enum.Enum):
     EDGE_TRUNCATED = router_pb2.ESCALATION_CODE_EDGE_TRUNCATED
 
 
+class CacheControl(enum.Enum):
+    """Per-request cache behaviour (GenerateRequest.cache_control)."""
+
+    DEFAULT = router_pb2.CACHE_CONTROL_DEFAULT  # read and write
+    BYPASS = router_pb2.CACHE_CONTROL_BYPASS  # neither read nor write
+    REFRESH = router_pb2.CACHE_CONTROL_REFRESH  # do not read; write the fresh answer
+
+    @property
+    def reads(self) -> bool:
+        return self is CacheControl.DEFAULT
+
+    @property
+    def writes(self) -> bool:
+        return self is not CacheControl.BYPASS
+
+
 @dataclass(frozen=True)
 class RouteRequest:
     """A client's request, as received (validation happens in the pipeline)."""
@@ -44,6 +60,7 @@ class RouteRequest:
     tags: tuple[str, ...] = ()
     min_confidence: float | None = None  # None: the policy's threshold
     request_id: str = ""  # empty: the router generates one
+    cache_control: CacheControl = CacheControl.DEFAULT
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,15 @@ class Timings:
     edge_ms: float = 0.0
     cloud_ms: float = 0.0
     router_overhead_ms: float = 0.0  # total minus time spent waiting on nodes
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Stream event: discard the text streamed so far (early edge tokens); what
+    follows is the whole answer."""
+
+    escalation: Escalation
+    reason: str
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,19 @@ class Plan:
         return self.request.request_id
 
     @property
+    def reads_cache(self) -> bool:
+        return self.request.cache_control.reads
+
+    @property
+    def writes_cache(self) -> bool:
+        return self.request.cache_control.writes
+
+    @property
     def flight_key(self) -> str:
-        """Requests that may share one run: same cache key and same threshold
-        (the threshold changes the outcome)."""
-        return f"{self.key}|{self.facts.threshold!r}"
+        """Requests that may share one run: same cache key, same threshold (it
+        changes the outcome) and same cache writing (a BYPASS request's answer
+        must not be stored because an identical DEFAULT one was in flight)."""
+        return f"{self.key}|{self.facts.threshold!r}|{'w' if self.writes_cache else 'nw'}"
 
 
 def make_plan(request: RouteRequest, settings: RouterSettings) -> Plan:

@@ -15,6 +15,8 @@ from router.policy import Decision
 
 DEGRADED = "degraded"  # flag: the edge answer served because the cloud was down
 COALESCED = "coalesced"  # flag: this answer was shared with an identical request
+SEMANTIC = "semantic"  # flag: a cache hit by a semantic (embedding) match, not the exact key
+RESTARTED = "restarted"  # flag: streamed edge text was replaced (a Restart event was sent)
 
 
 @dataclass
@@ -136,3 +138,8 @@ def coalesced(result: RouteResult, plan: Plan, watch: Stopwatch) -> RouteResult:
             max(0.0, own.total_ms - node_ms),
         ),
     )
+
+
+def restarted(result: RouteResult) -> RouteResult:
+    """A streamed result sent after a Restart event: flagged so it shows."""
+    return replace(result, flags=(*result.flags, RESTARTED))

@@ -12,12 +12,21 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from router.domain import RouteRequest, RouteResult
+from router.domain import CacheControl, Restart, RouteRequest, RouteResult
 from router.pipeline import Pipeline, RouterStatus
 from tidegate.chat import ChatMessage, SamplingParams
-from tidegate.errors import stream_errors, unary_errors
+from tidegate.errors import InvalidArgument, stream_errors, unary_errors
 from tidegate.server import Service
 from tidegate.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+
+def cache_control_from_pb(value: int) -> CacheControl:
+    try:
+        return CacheControl(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown cache_control {value}: use DEFAULT (0), BYPASS (1) or REFRESH (2)"
+        ) from None
 
 
 def request_from_pb(pb: router_pb2.GenerateRequest) -> RouteRequest:
@@ -28,6 +37,7 @@ def request_from_pb(pb: router_pb2.GenerateRequest) -> RouteRequest:
         tags=tuple(pb.tags),
         min_confidence=pb.min_confidence if pb.HasField("min_confidence") else None,
         request_id=pb.request_id,
+        cache_control=cache_control_from_pb(pb.cache_control),
     )
 
 
@@ -79,6 +89,8 @@ def status_to_pb(status: RouterStatus) -> router_pb2.StatusResponse:
                 capacity=n.capacity,
                 load=n.load,
                 heartbeat_age_s=n.heartbeat_age_s,
+                consecutive_failures=n.consecutive_failures,
+                cooldown_remaining_s=n.cooldown_remaining_s,
             )
             for n in status.nodes
         ],
@@ -86,6 +98,14 @@ def status_to_pb(status: RouterStatus) -> router_pb2.StatusResponse:
         cache_hits=status.cache_hits,
         cache_misses=status.cache_misses,
         policy_version=status.policy_version,
+        cache_semantic_hits=status.cache_semantic_hits,
+        cache_shared=status.cache_shared,
+        budgets=[
+            router_pb2.BudgetStatus(
+                tenant=b.tenant, window=b.window, unit=b.unit, limit=b.limit, remaining=b.remaining
+            )
+            for b in status.budgets
+        ],
     )
 
 
@@ -115,6 +135,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         async for item in self.pipeline.stream(request_from_pb(request), _deadline(context)):
             if isinstance(item, RouteResult):
                 yield router_pb2.GenerateEvent(response=result_to_pb(item))
+            elif isinstance(item, Restart):
+                restart = router_pb2.Restart(
+                    escalation_code=item.escalation.value, reason=item.reason
+                )
+                yield router_pb2.GenerateEvent(restart=restart)
             elif item:
                 yield router_pb2.GenerateEvent(delta=item)
 

