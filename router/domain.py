@@ -32,6 +32,8 @@ class Escalation(enum.Enum):
     OVER_EDGE_BUDGET = router_pb2.ESCALATION_CODE_OVER_EDGE_BUDGET
     EDGE_UNAVAILABLE = router_pb2.ESCALATION_CODE_EDGE_UNAVAILABLE
     EDGE_TRUNCATED = router_pb2.ESCALATION_CODE_EDGE_TRUNCATED
+    DEADLINE = router_pb2.ESCALATION_CODE_DEADLINE  # no time for the edge, then the cloud
+    RULE = router_pb2.ESCALATION_CODE_RULE  # a policy rule sent it to the cloud
 
 
 class CacheControl(enum.Enum):
