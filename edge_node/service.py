@@ -42,6 +42,10 @@ async def serve_edge(settings: EdgeSettings, backend: ModelBackend | None = None
         from tidegate.inference import load_backend
 
         backend = await asyncio.to_thread(load_backend, settings.model)
+    if settings.registration is not None:  # the edge agent: register + Router API on device
+        from edge_node.agent import serve_edge_agent
+
+        return await serve_edge_agent(settings, backend)
     servicer = build_edge_servicer(settings, backend)
     running = await start_server([servicer.service()], settings.listen, settings.tls)
     info = backend.info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
+from edge_node.agent_settings import RegisterSettings
 from tidegate.config import ModelSettings, StrictModel
 from tidegate.tls import ServerTls
 
@@ -30,6 +31,11 @@ class EdgeSettings(StrictModel):
     tls: ServerTls | None = None
     """Serve over TLS (with ``client_ca_file``: mutual TLS, e.g. only the router
     may call); unset: plaintext."""
+
+    # YAML key `register` (an attribute of that name would shadow pydantic's own).
+    registration: RegisterSettings | None = Field(default=None, alias="register")
+    """Register with a router and serve the Router API to apps on this device
+    (``tidegate edge serve --register ROUTER``); unset: a plain edge node."""
 
     @field_validator("estimator")
     @classmethod

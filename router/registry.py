@@ -285,7 +285,7 @@ class RedisRegistry:
         return bool(int(removed))
 
     async def live(self) -> list[EdgeRecord]:
-        names = sorted(await self._redis.smembers(self._index))
+        names = sorted(str(name) for name in await self._redis.smembers(self._index))
         if not names:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -44,7 +44,7 @@ async def _wait_for_signal() -> None:
 # ---------------------------------------------------------------- serve ----
 
 
-async def _serve(role: str, config: str | None) -> None:
+async def _serve(role: str, config: str | None, args: argparse.Namespace | None = None) -> None:
     from tidegate.config import load_config
 
     running: list = []
@@ -52,9 +52,10 @@ async def _serve(role: str, config: str | None) -> None:
         from edge_node.service import serve_edge
         from edge_node.settings import EdgeSettings
 
-        running.append(
-            await serve_edge(load_config(EdgeSettings, config, env_prefix="TIDEGATE_EDGE"))
-        )
+        edge = load_config(EdgeSettings, config, env_prefix="TIDEGATE_EDGE")
+        if args is not None and (args.register or args.advertise):
+            edge = _with_registration(edge, args.register, args.advertise)
+        running.append(await serve_edge(edge))
     elif role == "cloud":
         from cloud_node.service import serve_cloud
         from cloud_node.settings import CloudSettings
@@ -75,6 +76,26 @@ async def _serve(role: str, config: str | None) -> None:
     finally:
         for server in running:
             await server.stop()
+
+
+def _with_registration(settings, router: str | None, advertise: str | None):  # type: ignore[no-untyped-def]
+    """`edge serve --register ROUTER [--advertise HOST:PORT]` over the YAML's `register:`."""
+    from pydantic import ValidationError
+
+    from edge_node.agent_settings import RegisterSettings
+
+    current = settings.registration
+    data = current.model_dump(exclude_unset=True) if current is not None else {}
+    if router:
+        data["router"] = router
+    if advertise:
+        data["advertise"] = advertise
+    try:
+        registration = RegisterSettings.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{e['loc'] and e['loc'][0]}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"--register/--advertise: {problems}") from exc
+    return settings.model_copy(update={"registration": registration})
 
 
 # ------------------------------------------------------------------ up -----
@@ -261,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
         node_sub = node.add_subparsers(dest="action", required=True)
         serve = node_sub.add_parser("serve", help=f"serve the {role} node")
         serve.add_argument("--config", help="YAML config file (default: built-in defaults)")
+        if role == "edge":
+            serve.add_argument(
+                "--register",
+                metavar="ROUTER",
+                help="register with the router at HOST:PORT (retrying while it is away) and "
+                "serve its API to local apps, answering offline without it",
+            )
+            serve.add_argument(
+                "--advertise",
+                metavar="HOST:PORT",
+                help="the address the router should dial (default: the listen address)",
+            )
 
     ask = sub.add_parser("ask", help="ask the router a question")
     ask.add_argument("question")
@@ -299,7 +332,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
             return asyncio.run(run_demo(args.config_dir))
         elif args.command in ("router", "edge", "cloud"):
-            asyncio.run(_serve(args.command, args.config))
+            asyncio.run(_serve(args.command, args.config, args))
         elif args.command == "ask":
             return asyncio.run(_ask(args))
         elif args.command == "health":

@@ -66,7 +66,7 @@ def rows(model: type[BaseModel], prefix: str = "", defaults: object = None) -> I
     defaults of its section's own class (the cloud's model is not the edge's).
     """
     for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
+        path = f"{prefix}{field.alias or name}"  # the key as written in YAML
         nested = _model_of(field.annotation)
         is_list = typing.get_origin(field.annotation) is list
         value = (
