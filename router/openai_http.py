@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from router import openai_schema as schema
-from router.domain import RouteResult
+from router.domain import Restart, RouteResult
 from router.pipeline import Pipeline
 from router.settings import HttpSettings
 from tidegate.errors import ConfigError, DeadlineExceeded, TidegateError
@@ -190,8 +190,8 @@ class OpenAIHttp:
 
     async def _sse(
         self,
-        item: str | RouteResult,
-        events: AsyncIterator[str | RouteResult],
+        item: str | Restart | RouteResult,
+        events: AsyncIterator[str | Restart | RouteResult],
         request_id: str,
         model: str,
         include_usage: bool,
@@ -206,7 +206,9 @@ class OpenAIHttp:
         yield chunk({"role": "assistant", "content": ""}, **extra)
         try:
             while not isinstance(item, RouteResult):
-                if item:
+                if isinstance(item, Restart):  # only with stream.early_edge_tokens
+                    yield chunk({}, **extra, tidegate=schema.restart(item))
+                elif item:
                     yield chunk({"content": item}, **extra)
                 async with asyncio.timeout_at(deadline):
                     item = await anext(events)

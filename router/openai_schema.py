@@ -22,7 +22,7 @@ from typing import Any, Literal
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from router.domain import RouteRequest, RouteResult, Timings
+from router.domain import CacheControl, Restart, RouteRequest, RouteResult, Timings
 from tidegate.chat import ChatMessage, FinishReason, SamplingParams
 from tidegate.errors import InvalidArgument, TidegateError
 
@@ -80,6 +80,7 @@ class TidegateOptions(BaseModel):
     min_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     tags: list[str] = Field(default_factory=list, max_length=32)
     tenant: str = Field(default="", max_length=128)  # with API keys: empty, or the key's own
+    cache_control: Literal["default", "bypass", "refresh"] = "default"
 
 
 class ChatCompletionRequest(_Lenient):
@@ -223,6 +224,7 @@ def to_route_request(parsed: ChatCompletionRequest, tenant: str, request_id: str
         tags=tuple(parsed.tidegate.tags),
         min_confidence=parsed.tidegate.min_confidence,
         request_id=request_id,
+        cache_control=CacheControl[parsed.tidegate.cache_control.upper()],
     )
 
 
@@ -299,6 +301,12 @@ def provenance_headers(result: RouteResult) -> dict[str, str]:
     if result.flags:
         headers["x-tidegate-flags"] = _header_safe(",".join(result.flags))
     return headers
+
+
+def restart(event: Restart) -> dict[str, Any]:
+    """The ``tidegate`` field of the chunk that tells a client to discard the
+    text streamed so far (early edge tokens, ``stream.early_edge_tokens``)."""
+    return {"restart": {"escalation_code": event.escalation.name.lower(), "reason": event.reason}}
 
 
 def completion(result: RouteResult, model: str, created: int) -> dict[str, Any]:

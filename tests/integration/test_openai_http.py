@@ -339,3 +339,53 @@ async def test_a_stream_cut_after_its_first_token_ends_with_an_error_event(stack
     with pytest.raises(openai.APIError, match="cut the stream"):
         async for _ in stream:
             pass
+
+
+# -- tidegate extensions ---------------------------------------------------------
+
+
+async def test_cache_control_extension(duo):
+    base, edge, cloud = duo
+    tenant = uuid.uuid4().hex
+
+    async def tier(cache_control: str) -> str:
+        extension = {"min_confidence": 1.0, "tenant": tenant, "cache_control": cache_control}
+        response = await post(base, ask(tidegate=extension))
+        assert response.status_code == 200, response.text
+        return response.headers["x-tidegate-tier"]
+
+    assert [await tier("bypass"), await tier("default")] == ["cloud", "cloud"]  # nothing stored
+    assert await tier("refresh") == "cloud"  # not read, but stored
+    assert await tier("default") == "cache"
+    assert cloud.calls == 3
+    bad = await post(base, ask(tidegate={"cache_control": "never"}))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tidegate.cache_control"
+
+
+async def test_early_edge_tokens_are_withdrawn_by_a_restart_chunk(stack):
+    edge = CountingBackend(tiny_backend(seed=0))
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", CountingBackend(cloud_backend()), estimator=None)
+    await stack.router(
+        [edge_server.address], [cloud_server.address], stream={"early_edge_tokens": True}
+    )
+    response = await post(stack.server.http_url, ask(stream=True, **ESCALATE))
+    assert response.status_code == 200
+    chunks = [json.loads(e) for e in sse_events(response.text)[:-1]]
+    restarts = [i for i, c in enumerate(chunks) if "restart" in c.get("tidegate", {})]
+    assert len(restarts) == 1
+    (at,) = restarts
+    restart = chunks[at]["tidegate"]["restart"]
+    assert restart["escalation_code"] == "low_confidence" and restart["reason"]
+    assert chunks[at]["choices"][0]["delta"] == {}
+
+    def text(part: list[dict[str, Any]]) -> str:
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in part)
+
+    assert text(chunks[1:at])  # the edge's tokens went out early...
+    final = chunks[-1]
+    assert final["tidegate"]["tier"] == "cloud" and "restarted" in final["tidegate"]["flags"]
+    unary = await post(stack.server.http_url, ask(**ESCALATE))
+    assert (
+        text(chunks[at + 1 :]) == unary.json()["choices"][0]["message"]["content"]
+    )  # ...then replaced
