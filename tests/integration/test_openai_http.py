@@ -12,7 +12,11 @@ edge answer, 1 escalates.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import sys
 import uuid
 from typing import Any
 
@@ -389,3 +393,53 @@ async def test_early_edge_tokens_are_withdrawn_by_a_restart_chunk(stack):
     assert (
         text(chunks[at + 1 :]) == unary.json()["choices"][0]["message"]["content"]
     )  # ...then replaced
+
+
+# -- the process -----------------------------------------------------------------
+
+
+async def test_router_serve_prints_the_openai_url_and_serves_it(tmp_path, stack):
+    cloud_server = await stack.node("cloud", CountingBackend(cloud_backend()), estimator=None)
+    config = tmp_path / "router.yaml"
+    config.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "listen": "127.0.0.1:0",
+                "http": {"listen": "127.0.0.1:0"},
+                "metrics": {"enabled": False},
+                "registry": {"enabled": False},
+                "edge": [],
+                "cloud": [{"name": "cloud", "address": cloud_server.address}],
+                "policy": {"default_max_new_tokens": 16},
+            }
+        ),
+        encoding="utf-8",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tidegate",
+        "router",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ},
+    )
+    try:
+        url = None
+        while url is None:
+            line = (await asyncio.wait_for(proc.stdout.readline(), timeout=60)).decode()
+            assert line, (await proc.stderr.read()).decode()
+            if line.startswith("OpenAI-compatible API on "):
+                url = line.split(" on ", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        api = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
+        answer = await api.chat.completions.create(model="tidegate", messages=ask()["messages"])
+        assert answer.model_extra["tidegate"]["tier"] == "cloud"
+        assert answer.choices[0].message.content
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), timeout=30)
+    assert code == 0
