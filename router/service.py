@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from router.cache import RedisCache, open_cache
+from router.metrics import MetricsServer, RouterMetrics, serve_metrics
 from router.nodes import NodeClient
 from router.pipeline import Pipeline
 from router.registry import EdgeRecord
@@ -38,7 +39,29 @@ def build_router(settings: RouterSettings) -> RouterServicer:
     edges = [NodeClient(t.name, t.address, "edge", t.timeout_s) for t in settings.edge]
     clouds = [NodeClient(t.name, t.address, "cloud", t.timeout_s) for t in settings.cloud]
     pipeline = Pipeline(settings, edges, clouds, open_cache(settings.cache))
+    if settings.metrics.enabled:
+        pipeline.metrics = RouterMetrics(settings.metrics)
+        pipeline.metrics.watch(pipeline)
     return RouterServicer(pipeline)
+
+
+async def _load_semantic(settings: RouterSettings, pipeline: Pipeline) -> None:
+    """Load the embedding model (seconds, off the event loop) when semantic
+    matching is on; a missing package or model fails the startup."""
+    semantic = settings.cache.semantic
+    if settings.cache.enabled and semantic.enabled:
+        from router.semantic_cache import SemanticIndex
+
+        pipeline.semantic = await SemanticIndex.load(semantic, settings.cache.ttl_s)
+
+
+async def _serve_metrics(
+    settings: RouterSettings, servicer: RouterServicer
+) -> MetricsServer | None:
+    metrics = servicer.pipeline.metrics
+    if metrics is None:
+        return None
+    return await serve_metrics(metrics, settings.metrics)
 
 
 def _registry(settings: RouterSettings, pipeline: Pipeline) -> RegistryServicer | None:
@@ -63,6 +86,12 @@ class RouterServer(RunningServer):
     servicer: RouterServicer | None = None
     registry: RegistryServicer | None = None  # the edge registry, when enabled
     http: HttpServer | None = None  # the OpenAI-compatible endpoint, when enabled
+    metrics: MetricsServer | None = None  # the Prometheus endpoint, when enabled
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://HOST:PORT/metrics`` (None: metrics disabled)."""
+        return self.metrics.url if self.metrics is not None else None
 
     @property
     def http_url(self) -> str | None:
@@ -76,6 +105,8 @@ class RouterServer(RunningServer):
                 stops.append(self.http.stop(grace))
             await asyncio.gather(*stops)
         finally:
+            if self.metrics is not None:
+                await self.metrics.stop()
             if self.registry is not None:
                 await self.registry.close()
             if self.servicer is not None:
@@ -116,13 +147,18 @@ async def serve_router(settings: RouterSettings) -> RouterServer:
                 raise ConfigError(
                     f"cache.url {settings.cache.url}: Redis did not answer ({exc})"
                 ) from exc
+        await _load_semantic(settings, servicer.pipeline)
         services = [servicer.service()] + ([registry.service()] if registry else [])
         running = await start_server(services, settings.listen)
         if registry is not None:
             registry.directory.start()
+        http: HttpServer | None = None
         try:
             http = await _serve_http(settings, servicer)
+            metrics = await _serve_metrics(settings, servicer)
         except BaseException:
+            if http is not None:
+                await http.stop(0)
             await running.stop(0)
             raise
     except BaseException:
@@ -146,4 +182,5 @@ async def serve_router(settings: RouterSettings) -> RouterServer:
         servicer=servicer,
         http=http,
         registry=registry,
+        metrics=metrics,
     )

@@ -22,15 +22,13 @@ from tidegate.errors import ConfigError
 DEFAULT_ROUTER = "127.0.0.1:50051"
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
+    from tidegate.logs import configure_logging
+
     if not verbose:
         # transformers draws a progress bar per weight file; our own log lines say it all.
         os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(log_format, logging.DEBUG if verbose else logging.INFO)  # type: ignore[arg-type]
 
 
 async def _wait_for_signal() -> None:
@@ -168,12 +166,18 @@ async def _up(config_dir: str | None) -> None:
 def _ask_request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from tidegate.chat import SamplingParams
     from tidegate.client import build_request
+    from tidegate.v1 import router_pb2
 
     sampling = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
     )
+    cache_control = router_pb2.CACHE_CONTROL_DEFAULT
+    if args.no_cache:
+        cache_control = router_pb2.CACHE_CONTROL_BYPASS
+    elif args.refresh_cache:
+        cache_control = router_pb2.CACHE_CONTROL_REFRESH
     return build_request(
         args.question,
         system=args.system,
@@ -181,6 +185,7 @@ def _ask_request(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         sampling=sampling,
         tenant=args.tenant,
         tags=args.tag,
+        cache_control=cache_control,
     )
 
 
@@ -194,6 +199,10 @@ async def _ask(args: argparse.Namespace) -> int:
             async for event in client.stream(request):
                 if event.HasField("response"):
                     final = event.response
+                elif event.HasField("restart"):
+                    if not args.json:  # the text so far is replaced: say so, start a new line
+                        print(flush=True)
+                        print(f"[restart: {event.restart.reason}]", file=sys.stderr, flush=True)
                 elif not args.json:
                     print(event.delta, end="", flush=True)
             if final is None:
@@ -250,11 +259,24 @@ async def _status(address: str, as_json: bool) -> int:
     print(f"policy {status.policy_version}")
     for node in status.nodes:
         state = "healthy" if node.healthy else f"UNHEALTHY ({node.last_error})"
+        if node.cooldown_remaining_s > 0:
+            state += f", cooled down for {node.cooldown_remaining_s:.1f} s more"
+        if node.consecutive_failures:
+            state += f", {node.consecutive_failures} consecutive failures"
         print(f"  {node.tier:5} {node.name:12} {node.address:22} {node.model:40} {state}")
+    lookups = status.cache_hits + status.cache_misses
+    rate = f"{100.0 * status.cache_hits / lookups:.1f}%" if lookups else "-"
     print(
-        f"cache: {status.cache_entries} entries, {status.cache_hits} hits, "
-        f"{status.cache_misses} misses"
+        f"cache ({'Redis, shared' if status.cache_shared else 'in-process'}): "
+        f"{status.cache_entries} entries, {status.cache_hits} hits "
+        f"({status.cache_semantic_hits} semantic), {status.cache_misses} misses, "
+        f"hit rate {rate}"
     )
+    for budget in status.budgets:
+        print(
+            f"budget {budget.tenant or '(default)'}: {budget.remaining:g} of {budget.limit:g} "
+            f"{budget.unit} left this {budget.window}"
+        )
     return 0
 
 
@@ -269,6 +291,13 @@ def _models() -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidegate", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("TIDEGATE_LOG_FORMAT", "text"),
+        help="log lines as text, or one JSON object per line with the request id "
+        "(default: $TIDEGATE_LOG_FORMAT or text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run cloud, edge and router locally (bundled models)")
@@ -306,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--tenant", default="")
     ask.add_argument("--tag", action="append", default=[], help="request tag (repeatable)")
     ask.add_argument("--stream", action="store_true", help="stream the answer")
+    cache = ask.add_mutually_exclusive_group()
+    cache.add_argument(
+        "--no-cache", action="store_true", help="neither read nor write the router's cache"
+    )
+    cache.add_argument(
+        "--refresh-cache",
+        action="store_true",
+        help="skip the cached answer, ask a model, and store its answer",
+    )
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
 
@@ -323,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.log_format)
     try:
         if args.command == "up":
             asyncio.run(_up(args.config_dir))

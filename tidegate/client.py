@@ -33,6 +33,7 @@ def build_request(
     sampling: SamplingParams | None = None,
     tenant: str = "",
     tags: Sequence[str] = (),
+    cache_control: int = router_pb2.CACHE_CONTROL_DEFAULT,
 ) -> router_pb2.GenerateRequest:
     messages = [ChatMessage("system", system)] if system else []
     messages.append(ChatMessage("user", question))
@@ -42,6 +43,7 @@ def build_request(
         tenant=tenant,
         tags=list(tags),
         request_id=uuid.uuid4().hex,
+        cache_control=cache_control,  # type: ignore[arg-type]
     )
     if min_confidence is not None:
         request.min_confidence = min_confidence

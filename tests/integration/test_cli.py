@@ -47,6 +47,7 @@ async def router():
         {
             "listen": "127.0.0.1:0",
             "http": {"listen": "127.0.0.1:0"},
+            "metrics": {"port": 0},
             "edge": [{"name": "edge", "address": edge.address}],
             "cloud": [{"name": "cloud", "address": cloud.address}],
             "policy": {

@@ -80,6 +80,7 @@ class Cluster:
         data: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "http": {"enabled": False},
+            "metrics": {"enabled": False},  # not the default port 9464: routers run side by side
             "edge": [],
             "cloud": [{"name": "cloud", "address": cloud}],
             "policy": {

@@ -134,6 +134,7 @@ class Stack:
         data: dict[str, Any] = {
             "listen": "127.0.0.1:0",
             "http": {"listen": "127.0.0.1:0"},  # not the default 8080: tests run side by side
+            "metrics": {"port": 0},  # nor the default 9464
             "edge": [
                 {"name": f"edge{i}", "address": a, "timeout_s": edge_timeout_s}
                 for i, a in enumerate(edge)
