@@ -304,6 +304,10 @@ class Budgets:
         if checks:
             await self._take(tenant, 1, checks)
 
+    def has_token_budget(self, tenant: str) -> bool:
+        limits = self.settings.limits_for(tenant)
+        return any(w.limit(limits) is not None for w in TOKEN_WINDOWS)
+
     def estimate(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """The tokens reserved for a cloud call (see ``budgets.prompt_token_factor``)."""
         return math.ceil(prompt_tokens * self.settings.prompt_token_factor) + max_new_tokens

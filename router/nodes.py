@@ -10,7 +10,11 @@ pipeline acts on:
 * ``NodeUnavailable``: anything else (unreachable, timed out, crashed, cut
   stream) — the node could not answer.
 
-Each client keeps a small health record for the Status RPC.
+Each client keeps a small health record for the Status RPC, a circuit breaker
+(``router.breaker``: while it is open, calls fail at once with
+``NodeCoolingDown`` and the node is not contacted) and a moving average of its
+latency (``router.latency``). Channels use TLS when the router's
+``tls.nodes`` is set.
 """
 
 from __future__ import annotations
@@ -22,20 +26,28 @@ from dataclasses import dataclass
 
 import grpc
 
+from router.breaker import CircuitBreaker
 from router.domain import NodeAnswer
+from router.latency import LatencyEstimate
 from tidegate.chat import ChatMessage, FinishReason, SamplingParams
 from tidegate.errors import DeadlineExceeded
 from tidegate.server import MAX_MESSAGE_BYTES
+from tidegate.tls import ClientTls, open_channel
 from tidegate.v1 import model_node_pb2, model_node_pb2_grpc
 
 PROBE_TIMEOUT_S = 1.0  # Status probes must not make Status slow
 
 
 class NodeError(Exception):
-    def __init__(self, node: NodeClient, detail: str) -> None:
+    def __init__(self, node: NodeClient, detail: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(f"{node.tier} node {node.name} at {node.address}: {detail}")
         self.node = node
         self.detail = detail
+        self.code = code  # the gRPC status the node answered, when it answered one
+
+    @property
+    def timed_out(self) -> bool:
+        return self.code is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class NodeUnavailable(NodeError):
@@ -44,6 +56,10 @@ class NodeUnavailable(NodeError):
 
 class NodeRejected(NodeError):
     """The node refused the request as invalid (INVALID_ARGUMENT)."""
+
+
+class NodeCoolingDown(NodeUnavailable):
+    """Not asked: the node's circuit breaker is open (it kept failing)."""
 
 
 @dataclass
@@ -101,12 +117,24 @@ def node_request(
 class NodeClient:
     """A client for one configured ModelNode target."""
 
-    def __init__(self, name: str, address: str, tier: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        tier: str,
+        timeout_s: float,
+        tls: ClientTls | None = None,
+        expected_latency_s: float | None = None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self.name = name
         self.address = address
         self.tier = tier  # "edge" | "cloud"
         self.timeout_s = timeout_s
+        self.tls = tls
         self.health = NodeHealth()
+        self.breaker = breaker or CircuitBreaker()
+        self.latency = LatencyEstimate(expected_latency_s)
         # Least-loaded edge selection (router.directory): this router's calls in
         # flight, and for registered edges what their last heartbeat reported.
         self.in_flight = 0
@@ -127,12 +155,14 @@ class NodeClient:
 
     def _get_stub(self) -> model_node_pb2_grpc.ModelNodeStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(
+            self._channel = open_channel(
                 self.address,
+                self.tls,
                 options=[
                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ],
+                field="tls.nodes",
             )
             self._stub = model_node_pb2_grpc.ModelNodeStub(self._channel)
         return self._stub
@@ -149,26 +179,47 @@ class NodeClient:
             )
         return min(self.timeout_s, left)
 
-    def _error(self, exc: grpc.aio.AioRpcError) -> NodeError:
+    def _check_breaker(self) -> None:
+        if not self.breaker.allow():
+            snap = self.breaker.snapshot()
+            raise NodeCoolingDown(
+                self,
+                f"cooling down after {snap.consecutive_failures} consecutive failures "
+                f"(last: {snap.last_error}); next try in {snap.cooldown_remaining_s:.1f} s",
+            )
+
+    def _error(self, exc: grpc.aio.AioRpcError, timeout: float | None = None) -> NodeError:
         detail = f"{exc.code().name}: {exc.details()}"
         if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
             # The node is up and answering; it just won't take this request.
             self.health.ok()
-            return NodeRejected(self, exc.details() or "invalid argument")
+            self.breaker.record_success()
+            return NodeRejected(self, exc.details() or "invalid argument", exc.code())
         self.health.failed(detail)
-        return NodeUnavailable(self, detail)
+        if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+            self.latency.observe_at_least(timeout)
+            if timeout < self.timeout_s:
+                # Cut short by the client's deadline, not by the node's own limit:
+                # no evidence that the node is failing.
+                return NodeUnavailable(self, detail, exc.code())
+        self.breaker.record_failure(detail)
+        return NodeUnavailable(self, detail, exc.code())
 
     async def generate(
         self, request: model_node_pb2.NodeGenerateRequest, deadline: float | None
     ) -> NodeAnswer:
         timeout = self._timeout(deadline)
+        self._check_breaker()
         self.in_flight += 1
+        started = time.perf_counter()
         try:
             response = await self._get_stub().Generate(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+            raise self._error(exc, timeout) from exc
         finally:
             self.in_flight -= 1
+        self.latency.observe(time.perf_counter() - started)
+        self.breaker.record_success()
         self.health.ok()
         self.health.model = response.model or self.health.model
         return _answer_from_pb(response, self.name)
@@ -179,11 +230,13 @@ class NodeClient:
         """Text deltas, then the final NodeAnswer. A stream that ends without
         its final chunk raises NodeUnavailable (it was cut)."""
         timeout = self._timeout(deadline)
+        self._check_breaker()
         call = self._get_stub().GenerateStream(request, timeout=timeout)
         self.in_flight += 1
         try:
             async for chunk in call:
                 if chunk.HasField("response"):
+                    self.breaker.record_success()
                     self.health.ok()
                     self.health.model = chunk.response.model or self.health.model
                     yield _answer_from_pb(chunk.response, self.name)
@@ -191,12 +244,13 @@ class NodeClient:
                 if chunk.delta:
                     yield chunk.delta
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+            raise self._error(exc, timeout) from exc
         finally:
             self.in_flight -= 1
             call.cancel()  # no-op when finished; stops the node when we stop early
         detail = "the stream ended without its final response"
         self.health.failed(detail)
+        self.breaker.record_failure(detail)
         raise NodeUnavailable(self, detail)
 
     async def probe(self) -> NodeHealth:

@@ -43,6 +43,7 @@ from router.domain import Restart, RouteResult
 from router.pipeline import Pipeline
 from router.settings import HttpSettings
 from tidegate.errors import ConfigError, DeadlineExceeded, TidegateError
+from tidegate.logs import bind_request_id
 from tidegate.server import split_address
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class OpenAIHttp:
 
     async def chat_completions(self, request: Request) -> Response:
         request_id = self._request_id(request)
+        bind_request_id(request_id)  # on every log line of this request (tidegate.logs)
         ids = {"x-request-id": request_id, "x-tidegate-request-id": request_id}
         deadline: float | None = None
         try:

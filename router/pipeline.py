@@ -21,26 +21,22 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from router import provenance
-from router.budgets import BudgetUsage
-from router.cache import CacheEntry, ResponseCache
+from router import provenance, tiers
+from router.auth import Authenticator, Tenant, TenantConfig
+from router.budgets import BudgetExceeded, BudgetUsage, open_budgets
+from router.cache import CacheEntry, EmbeddedCache, ResponseCache
 from router.directory import least_loaded
-from router.domain import Escalation, NodeAnswer, Restart, RouteRequest, RouteResult, Tier
+from router.domain import NodeAnswer, Restart, RouteRequest, RouteResult, Tier
+from router.failover import TierUnavailable
 from router.flights import Flights, once
-from router.nodes import NodeClient, NodeRejected, NodeUnavailable, node_request
+from router.nodes import NodeClient, NodeRejected, NodeUnavailable
 from router.plan import Plan, make_plan
-from router.policy import (
-    Decision,
-    EdgeSignal,
-    admission_refusal,
-    judge_edge,
-    may_serve_cached,
-    pre_route,
-)
+from router.policy import admission_refusal, may_serve_cached
 from router.provenance import Stopwatch
 from router.semantic_cache import SemanticIndex
 from router.settings import RouterSettings
 from router.streaming import StreamEvent, StreamRoute, with_whole_text
+from router.tiers import EdgeOutcome, edge_rejected  # noqa: F401 - re-exported (router.streaming)
 from tidegate.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -48,12 +44,6 @@ log = logging.getLogger(__name__)
 # How often the router may re-ask a tier's nodes for their model (Info) while it
 # knows none of them: a lookup must not probe dead nodes on every request.
 MODEL_PROBE_INTERVAL_S = 5.0
-
-
-@dataclass(frozen=True)
-class EdgeOutcome:
-    decision: Decision
-    answer: NodeAnswer | None  # None when the edge was skipped or failed
 
 
 @dataclass(frozen=True)
@@ -70,6 +60,8 @@ class NodeState:
     heartbeat_age_s: float = 0.0  # registered edges: since the last heartbeat
     consecutive_failures: int = 0
     cooldown_remaining_s: float = 0.0  # > 0: cooled down by its circuit breaker
+    breaker: str = "closed"  # "closed" | "open" | "half_open"
+    expected_latency_ms: float = 0.0  # moving average (0: nothing measured yet)
 
 
 @dataclass(frozen=True)
@@ -82,20 +74,7 @@ class RouterStatus:
     cache_semantic_hits: int = 0  # of cache_hits: by a semantic match
     cache_shared: bool = False  # Redis
     budgets: tuple[BudgetUsage, ...] = ()
-
-
-def edge_rejected(exc: NodeRejected) -> Decision:
-    """An edge refused the request (INVALID_ARGUMENT): escalate.
-
-    The router validated the request by the nodes' own rules, so the edge
-    refuses what does not fit it (a prompt over its context): the cloud's
-    context is larger. Only a cloud refusal reaches the client.
-    """
-    return Decision.escalate(
-        Escalation.OVER_EDGE_BUDGET,
-        f"edge node {exc.node.name} rejected the request ({exc.detail}); "
-        "asking the cloud, whose context is larger",
-    )
+    last_reload_error: str = ""  # the last rejected config reload, with why
 
 
 class Pipeline:
@@ -120,6 +99,13 @@ class Pipeline:
         self.semantic: SemanticIndex | None = None  # set by router.service when enabled
         self._flights: Flights[StreamEvent] = Flights()
         self._model_probed_at: dict[Tier, float] = {}
+        # Guards (router.tiers): who may ask, how much, and where. ``apply``
+        # swaps them on a config reload.
+        self.auth = authenticator(settings)
+        self.budgets = open_budgets(settings.budgets, settings.cache.url)
+        self.last_reload_error = ""
+        for node in [*edges, *clouds]:
+            node.breaker.settings = settings.breaker
 
     # -- unary -------------------------------------------------------------
 
@@ -127,6 +113,7 @@ class Pipeline:
         """Answer one request. ``deadline`` is on the event loop's clock."""
         watch = Stopwatch.start()
         plan = make_plan(request, self.settings)
+        deadline = await self._begin(plan, deadline)
         hit = await self._lookup(plan, watch)
         if hit is not None:
             return hit
@@ -150,13 +137,31 @@ class Pipeline:
         else:
             try:
                 cloud = await self._ask_cloud(plan, deadline, watch)
+            except BudgetExceeded as exc:
+                return tiers.over_budget_or_raise(self, plan, edge, watch, exc)
             except Unavailable as exc:
                 return self._degraded_or_raise(plan, edge, watch, exc)
             result = provenance.cloud_result(
                 plan, edge.answer, cloud, edge.decision, watch, self.version
             )
+        if plan.rule.route != "auto":
+            flag = provenance.PINNED if plan.rule.pinned else provenance.FORCED
+            result = provenance.flagged(result, flag)
         await self._admit(plan, result)
         return result
+
+    async def _begin(self, plan: Plan, deadline: float | None) -> float | None:
+        """Count the request against the tenant's requests/s (RESOURCE_EXHAUSTED
+        past it); the deadline node calls must meet (``tiers.request_deadline``)."""
+        await self.budgets.admit(plan.request.tenant)
+        return tiers.request_deadline(plan, deadline, self.policy.deadline_margin_s)
+
+    def _may_share_cache(self, plan: Plan) -> bool:
+        """A forced tier skips the cache; a privacy-pinned request uses only an
+        in-process cache, never a shared one (an unknown kind counts as shared)."""
+        if plan.rule.forced:
+            return False
+        return not plan.rule.pinned or isinstance(self.cache, EmbeddedCache)
 
     # -- streaming ---------------------------------------------------------
 
@@ -167,11 +172,21 @@ class Pipeline:
         the whole answer). Semantics: ``router.streaming``."""
         watch = Stopwatch.start()
         plan = make_plan(request, self.settings)
+        deadline = await self._begin(plan, deadline)
         hit = await self._lookup(plan, watch)
         if hit is not None:
             if hit.text:
                 yield hit.text
             yield hit
+            return
+        if plan.rule.route != "auto" or self.budgets.has_token_budget(plan.request.tenant):
+            # The unary flow enforces rules and budgets (router.tiers): a pinned
+            # request never reaches the cloud, and a cloud call is paid for
+            # before it starts. Its answer goes out as one delta.
+            result = await self._route(plan, deadline, watch)
+            if result.text:
+                yield result.text
+            yield result
             return
         if not plan.cacheable:
             events = StreamRoute(self, plan, deadline, watch).events()
@@ -191,7 +206,12 @@ class Pipeline:
     async def _lookup(self, plan: Plan, watch: Stopwatch) -> RouteResult | None:
         """A cached answer for the plan: the exact key first, then (opt-in) a
         guarded semantic match. None when nothing may answer it."""
-        if self.cache is None or not plan.cacheable or not plan.reads_cache:
+        if (
+            self.cache is None
+            or not plan.cacheable
+            or not plan.reads_cache
+            or not self._may_share_cache(plan)
+        ):
             return None
         entry = await self._cache_get(plan.key)
         semantic = False
@@ -240,30 +260,8 @@ class Pipeline:
         return entry.model in models
 
     async def _ask_edge(self, plan: Plan, deadline: float | None, watch: Stopwatch) -> EdgeOutcome:
-        skip = pre_route(plan.facts, self.policy, has_edge=bool(self.edges))
-        if skip is not None:
-            return EdgeOutcome(skip, None)
-        request_pb = node_request(plan.request.messages, plan.sampling, plan.request_id)
-        failures: list[str] = []
-        # Healthy nodes first; each is tried once, so a dead edge costs one attempt.
-        for node in self.candidate_edges():
-            started = time.perf_counter()
-            try:
-                answer = await node.generate(request_pb, deadline)
-            except NodeUnavailable as exc:
-                failures.append(
-                    f"edge node {node.name} at {node.address} is unavailable ({exc.detail})"
-                )
-                continue
-            except NodeRejected as exc:
-                return EdgeOutcome(edge_rejected(exc), None)
-            finally:
-                watch.edge_ms += Stopwatch.since(started)
-            signal = EdgeSignal(answer.confidence, answer.estimator, answer.finish_reason)
-            return EdgeOutcome(judge_edge(signal, plan.facts, self.policy), answer)
-        return EdgeOutcome(
-            Decision.escalate(Escalation.EDGE_UNAVAILABLE, "; ".join(failures)), None
-        )
+        """Rules, deadline, retries and breakers, then the judged edge answer."""
+        return await tiers.ask_edge(self, plan, deadline, watch)
 
     def candidate_edges(self) -> list[NodeClient]:
         """The edges to try, in order: healthy first, then least loaded
@@ -271,29 +269,12 @@ class Pipeline:
         return least_loaded(self.edges)
 
     async def _ask_cloud(self, plan: Plan, deadline: float | None, watch: Stopwatch) -> NodeAnswer:
-        """The first cloud node that answers; each is tried once, in order."""
-        request_pb = node_request(plan.request.messages, plan.sampling, plan.request_id)
-        failures: list[NodeUnavailable] = []
-        for node in self.clouds:
-            started = time.perf_counter()
-            try:
-                return await node.generate(request_pb, deadline)
-            except NodeUnavailable as exc:
-                failures.append(exc)
-            except NodeRejected as exc:
-                raise self._rejected_by_cloud(exc) from exc
-            finally:
-                watch.cloud_ms += Stopwatch.since(started)
-        raise self._cloud_down(failures)
+        """Budget reserved, bounded retries over the cloud nodes, budget settled."""
+        return await tiers.ask_cloud(self, plan, deadline, watch)
 
     @staticmethod
     def _cloud_down(failures: list[NodeUnavailable]) -> Unavailable:
-        return Unavailable(
-            "; ".join(
-                f"cloud node {f.node.name} at {f.node.address} is unavailable: {f.detail}"
-                for f in failures
-            )
-        )
+        return TierUnavailable("cloud", failures)
 
     @staticmethod
     def _rejected_by_cloud(exc: NodeRejected) -> InvalidArgument:
@@ -313,6 +294,8 @@ class Pipeline:
         if (
             self.cache is None
             or not plan.writes_cache
+            or not self._may_share_cache(plan)
+            or provenance.OVER_BUDGET in result.flags
             or result.tier is Tier.CACHE
             or provenance.DEGRADED in result.flags
         ):
@@ -351,8 +334,9 @@ class Pipeline:
 
     # -- status and lifecycle ----------------------------------------------
 
-    async def status(self) -> RouterStatus:
-        """Probes every node (Info, 1 s) so Status shows live health."""
+    async def status(self, tenant: Tenant | None = None) -> RouterStatus:
+        """Probes every node (Info, 1 s) so Status shows live health. Budgets:
+        every tenant's for an admin ``tenant`` (or None), else its own."""
         nodes = [*self.edges, *self.clouds]
         await asyncio.gather(*(node.probe() for node in nodes))
         entries = 0
@@ -376,6 +360,10 @@ class Pipeline:
                     heartbeat_age_s=(
                         max(0.0, time.time() - n.heartbeat_at) if n.heartbeat_at else 0.0
                     ),
+                    consecutive_failures=n.breaker.snapshot().consecutive_failures,
+                    cooldown_remaining_s=n.breaker.cooldown_remaining(),
+                    breaker=n.breaker.state.value,
+                    expected_latency_ms=(n.latency.seconds or 0.0) * 1000.0,
                 )
                 for n in nodes
             ),
@@ -385,7 +373,40 @@ class Pipeline:
             policy_version=self.version,
             cache_semantic_hits=self.semantic_hits,
             cache_shared=self.settings.cache.url is not None,
+            budgets=tuple(await self._status_budgets(tenant)),
+            last_reload_error=self.last_reload_error,
         )
+
+    async def _status_budgets(self, tenant: Tenant | None) -> list[BudgetUsage]:
+        """Everyone's budgets for an admin (or with auth off), else the caller's own."""
+        try:
+            if tenant is None or tenant.admin or not tenant.authenticated:
+                return await self.budget_usage()
+            return await self.budget_usage([tenant.name])
+        except Exception as exc:  # noqa: BLE001 - Status must answer regardless
+            log.warning("budget usage unavailable: %s", exc)
+            return []
+
+    async def budget_usage(self, tenants: list[str] | None = None) -> list[BudgetUsage]:
+        """Read-only: each tenant's standing per limited window (metrics read this).
+        ``tenants`` None: every tenant the config names, and "" when the default
+        limits apply to requests that name no tenant."""
+        if tenants is None:
+            named = [t.name for t in self.settings.tenants]
+            named += [b.tenant for b in self.settings.budgets.tenants]
+            tenants = named if self.auth.enabled else [*named, ""]
+        return await self.budgets.usage(tenants)
+
+    def apply(self, settings: RouterSettings) -> None:
+        """Adopt a reloaded config (``router.reload`` picks the reloadable parts):
+        policy, rules, tenants and keys, budget limits, retries, breaker."""
+        self.settings = settings
+        self.policy = settings.policy
+        self.version = settings.policy.version
+        self.auth = authenticator(settings)
+        self.budgets.settings = settings.budgets
+        for node in [*self.edges, *self.clouds]:
+            node.breaker.settings = settings.breaker
 
     async def close(self) -> None:
         await self._flights.close()
@@ -393,3 +414,11 @@ class Pipeline:
             await node.close()
         if self.cache is not None:
             await self.cache.close()
+        await self.budgets.close()
+
+
+def authenticator(settings: RouterSettings) -> Authenticator:
+    """The API-key authenticator for ``settings.tenants`` (off when empty)."""
+    return Authenticator(
+        [TenantConfig(t.name, tuple(t.api_key_hashes), t.admin) for t in settings.tenants]
+    )

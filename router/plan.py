@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from router.cache_key import cache_key
 from router.domain import RouteRequest
 from router.policy import RequestFacts, effective_threshold, estimate_prompt_tokens
+from router.rules import NO_RULE, RuleMatch, match_rule
 from router.settings import RouterSettings
 from tidegate.chat import GenerationRequest, SamplingParams
 
@@ -26,6 +27,7 @@ class Plan:
     facts: RequestFacts
     key: str  # cache key
     cacheable: bool  # not sampled, or the policy caches sampled answers too
+    rule: RuleMatch = NO_RULE  # the policy rule that matched (router.rules)
 
     @property
     def request_id(self) -> str:
@@ -44,14 +46,21 @@ class Plan:
         """Requests that may share one run: same cache key, same threshold (it
         changes the outcome) and same cache writing (a BYPASS request's answer
         must not be stored because an identical DEFAULT one was in flight)."""
-        return f"{self.key}|{self.facts.threshold!r}|{'w' if self.writes_cache else 'nw'}"
+        return (
+            f"{self.key}|{self.facts.threshold!r}|{'w' if self.writes_cache else 'nw'}"
+            f"|{self.rule.name}"  # a rule changes the route: share only within it
+        )
 
 
 def make_plan(request: RouteRequest, settings: RouterSettings) -> Plan:
     """Validate (raises InvalidArgument with a precise message) and derive."""
     policy = settings.policy
     GenerationRequest(request.messages, request.sampling).validate(policy.max_new_tokens_limit)
-    threshold = effective_threshold(request.min_confidence, policy)
+    rule = match_rule(settings.rules, request.tenant, request.tags, request.messages)
+    requested = request.min_confidence  # the request's own threshold wins over the rule's
+    threshold = effective_threshold(
+        requested if requested is not None else rule.min_confidence, policy
+    )
     sampling = request.sampling.with_default_max_new_tokens(policy.default_max_new_tokens)
     assert sampling.max_new_tokens is not None
     if not request.request_id:
@@ -66,4 +75,5 @@ def make_plan(request: RouteRequest, settings: RouterSettings) -> Plan:
         ),
         key=cache_key(request.tenant, request.messages, sampling),
         cacheable=not sampling.is_sampled or settings.cache.cache_sampled,
+        rule=rule,
     )

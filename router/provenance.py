@@ -14,6 +14,9 @@ from router.plan import Plan
 from router.policy import Decision
 
 DEGRADED = "degraded"  # flag: the edge answer served because the cloud was down
+OVER_BUDGET = "over_budget"  # flag: the edge answer served because the tenant's budget was spent
+PINNED = "pinned"  # flag: a rule kept the request on the edge (privacy pin)
+FORCED = "forced"  # flag: a rule forced the tier (debugging)
 COALESCED = "coalesced"  # flag: this answer was shared with an identical request
 SEMANTIC = "semantic"  # flag: a cache hit by a semantic (embedding) match, not the exact key
 RESTARTED = "restarted"  # flag: streamed edge text was replaced (a Restart event was sent)
@@ -112,6 +115,20 @@ def cloud_result(
     else:
         confidence, estimator = 1.0, ""
     return _node_result(plan, cloud, Tier.CLOUD, confidence, estimator, decision, watch, version)
+
+
+def over_budget(result: RouteResult, budget_error: str) -> RouteResult:
+    """An edge result served because the tenant's cloud budget could not pay
+    for the escalation: flagged, explained."""
+    return replace(
+        result,
+        escalation_reason=f"{result.escalation_reason}; but {budget_error}",
+        flags=(*result.flags, OVER_BUDGET),
+    )
+
+
+def flagged(result: RouteResult, flag: str) -> RouteResult:
+    return replace(result, flags=(*result.flags, flag))
 
 
 def degraded(result: RouteResult, cloud_error: str) -> RouteResult:

@@ -11,18 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from router.budgets import RedisBudgetStore
 from router.cache import RedisCache, open_cache
 from router.metrics import MetricsServer, RouterMetrics, serve_metrics
 from router.nodes import NodeClient
 from router.pipeline import Pipeline
 from router.registry import EdgeRecord
 from router.registry_servicer import RegistryServicer, build_registry
+from router.reload import Reloader
 from router.servicer import RouterServicer
 from router.settings import RouterSettings
 from tidegate.errors import ConfigError
 from tidegate.server import GRACE_SECONDS, RunningServer, start_server
+from tidegate.tls import channel_credentials
 
 if TYPE_CHECKING:
     from router.openai_http import HttpServer
@@ -36,8 +40,15 @@ def build_router(settings: RouterSettings) -> RouterServicer:
     Connects nothing yet (channels and Redis open on first use), so it may be
     called outside an event loop. Close it with ``await servicer.close()``.
     """
-    edges = [NodeClient(t.name, t.address, "edge", t.timeout_s) for t in settings.edge]
-    clouds = [NodeClient(t.name, t.address, "cloud", t.timeout_s) for t in settings.cloud]
+    tls = settings.tls.nodes
+    edges = [
+        NodeClient(t.name, t.address, "edge", t.timeout_s, tls, t.expected_latency_s)
+        for t in settings.edge
+    ]
+    clouds = [
+        NodeClient(t.name, t.address, "cloud", t.timeout_s, tls, t.expected_latency_s)
+        for t in settings.cloud
+    ]
     pipeline = Pipeline(settings, edges, clouds, open_cache(settings.cache))
     if settings.metrics.enabled:
         pipeline.metrics = RouterMetrics(settings.metrics)
@@ -71,7 +82,10 @@ def _registry(settings: RouterSettings, pipeline: Pipeline) -> RegistryServicer 
 
     def registered_edge(record: EdgeRecord) -> NodeClient:
         # Dialled like the config edges; its timeout comes from the registry settings.
-        return NodeClient(record.name, record.address, "edge", settings.registry.edge_timeout_s)
+        timeout = settings.registry.edge_timeout_s
+        client = NodeClient(record.name, record.address, "edge", timeout, settings.tls.nodes)
+        client.breaker.settings = pipeline.settings.breaker
+        return client
 
     store, url = settings.registry_store
     reserved = {t.name for t in settings.edge} | {t.name for t in settings.cloud}
@@ -87,6 +101,7 @@ class RouterServer(RunningServer):
     registry: RegistryServicer | None = None  # the edge registry, when enabled
     http: HttpServer | None = None  # the OpenAI-compatible endpoint, when enabled
     metrics: MetricsServer | None = None  # the Prometheus endpoint, when enabled
+    reloader: Reloader | None = None  # hot reload of the config file, when it has one
 
     @property
     def metrics_url(self) -> str | None:
@@ -105,6 +120,8 @@ class RouterServer(RunningServer):
                 stops.append(self.http.stop(grace))
             await asyncio.gather(*stops)
         finally:
+            if self.reloader is not None:
+                await self.reloader.stop()
             if self.metrics is not None:
                 await self.metrics.stop()
             if self.registry is not None:
@@ -127,11 +144,16 @@ async def _serve_http(settings: RouterSettings, servicer: RouterServicer) -> Htt
     return await serve_http(servicer.pipeline, settings.http)
 
 
-async def serve_router(settings: RouterSettings) -> RouterServer:
+async def serve_router(
+    settings: RouterSettings, config_path: str | Path | None = None
+) -> RouterServer:
     """Serve the Router service on ``settings.listen`` (health + reflection).
 
     A configured Redis must answer a PING first: a wrong cache.url fails at
     startup, not as a silent miss on every request. Raises ConfigError then.
+    ``config_path``: the file ``settings`` came from; the returned server's
+    ``reloader`` reloads it (the CLI wires SIGHUP to it; ``reload.watch_file``
+    also watches it).
     """
     servicer = build_router(settings)
     registry: RegistryServicer | None = None
@@ -147,9 +169,10 @@ async def serve_router(settings: RouterSettings) -> RouterServer:
                 raise ConfigError(
                     f"cache.url {settings.cache.url}: Redis did not answer ({exc})"
                 ) from exc
+        await _check_guards(settings, servicer.pipeline)
         await _load_semantic(settings, servicer.pipeline)
         services = [servicer.service()] + ([registry.service()] if registry else [])
-        running = await start_server(services, settings.listen)
+        running = await start_server(services, settings.listen, settings.tls.server, "tls.server")
         if registry is not None:
             registry.directory.start()
         http: HttpServer | None = None
@@ -183,4 +206,34 @@ async def serve_router(settings: RouterSettings) -> RouterServer:
         http=http,
         registry=registry,
         metrics=metrics,
+        reloader=_reloader(settings, servicer.pipeline, config_path),
     )
+
+
+async def _check_guards(settings: RouterSettings, pipeline: Pipeline) -> None:
+    """Fail at startup, naming the field: unreadable node TLS files, or a budget
+    Redis that does not answer (when budgets are in use or it is named)."""
+    if settings.tls.nodes is not None:
+        channel_credentials(settings.tls.nodes, "tls.nodes")
+    store = pipeline.budgets.store
+    budgets = settings.budgets
+    limited = budgets.tenants or any(v is not None for v in budgets.default.model_dump().values())
+    if isinstance(store, RedisBudgetStore) and (limited or budgets.url):
+        try:
+            await store.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot use it"
+            raise ConfigError(
+                f"budgets: the budget store Redis ({budgets.url or settings.cache.url}, "
+                f"from {'budgets.url' if budgets.url else 'cache.url'}) did not answer ({exc})"
+            ) from exc
+
+
+def _reloader(
+    settings: RouterSettings, pipeline: Pipeline, config_path: str | Path | None
+) -> Reloader | None:
+    if config_path is None:
+        return None
+    reloader = Reloader(config_path, pipeline)
+    if settings.reload.watch_file:
+        reloader.start_watch(settings.reload.poll_s)
+    return reloader

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -91,6 +92,8 @@ def status_to_pb(status: RouterStatus) -> router_pb2.StatusResponse:
                 heartbeat_age_s=n.heartbeat_age_s,
                 consecutive_failures=n.consecutive_failures,
                 cooldown_remaining_s=n.cooldown_remaining_s,
+                breaker=n.breaker,
+                expected_latency_ms=n.expected_latency_ms,
             )
             for n in status.nodes
         ],
@@ -106,6 +109,7 @@ def status_to_pb(status: RouterStatus) -> router_pb2.StatusResponse:
             )
             for b in status.budgets
         ],
+        last_reload_error=status.last_reload_error,
     )
 
 
@@ -121,18 +125,31 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
 
+    def _request(
+        self, pb: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> RouteRequest:
+        """The domain request, its tenant established by the API key in the
+        ``authorization: Bearer`` metadata when tenants are configured
+        (``router.auth``: UNAUTHENTICATED without a valid key)."""
+        request = request_from_pb(pb)
+        tenant = self.pipeline.auth.authenticate_metadata(
+            context.invocation_metadata(), request.tenant
+        )
+        return replace(request, tenant=tenant.name)
+
     @unary_errors
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.GenerateResponse:
-        result = await self.pipeline.generate(request_from_pb(request), _deadline(context))
+        result = await self.pipeline.generate(self._request(request, context), _deadline(context))
         return result_to_pb(result)
 
     @stream_errors
     async def GenerateStream(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateEvent]:
-        async for item in self.pipeline.stream(request_from_pb(request), _deadline(context)):
+        route_request = self._request(request, context)
+        async for item in self.pipeline.stream(route_request, _deadline(context)):
             if isinstance(item, RouteResult):
                 yield router_pb2.GenerateEvent(response=result_to_pb(item))
             elif isinstance(item, Restart):
@@ -147,7 +164,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Status(
         self, request: router_pb2.StatusRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.StatusResponse:
-        return status_to_pb(await self.pipeline.status())
+        auth = self.pipeline.auth
+        tenant = auth.authenticate_metadata(context.invocation_metadata()) if auth.enabled else None
+        return status_to_pb(await self.pipeline.status(tenant))
 
     async def close(self) -> None:
         await self.pipeline.close()

@@ -59,11 +59,15 @@ def split_address(address: str) -> tuple[str, int]:
 
 
 async def start_server(
-    services: Sequence[Service], address: str, tls: ServerTls | None = None
+    services: Sequence[Service],
+    address: str,
+    tls: ServerTls | None = None,
+    tls_field: str = "tls",
 ) -> RunningServer:
     """Start an aio server on ``address`` (port 0 picks a free port); TLS (or
-    mutual TLS) when ``tls`` is given, plaintext otherwise."""
-    credentials = server_credentials(tls) if tls is not None else None  # fail before binding
+    mutual TLS) when ``tls`` is given, plaintext otherwise. ``tls_field`` names
+    the config section in errors about the certificate files."""
+    credentials = server_credentials(tls, tls_field) if tls is not None else None
     server = grpc.aio.server(
         interceptors=[PayloadGuard()],
         options=[
