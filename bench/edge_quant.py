@@ -166,6 +166,10 @@ def main() -> None:
         f"torch {torch.__version__}; agreement over {positions} positions of "
         f"{len(PROMPTS)} fp32 greedy answers"
     )
+    with open("/proc/loadavg") as fh:  # other work on the machine skews tok/s and load s
+        print(
+            f"load average at the end: {' '.join(fh.read().split()[:3])} on {mp.cpu_count()} CPUs"
+        )
     if cold is not None:
         print(f"cold load (GGUF → safetensors conversion + load): {cold:.1f} s")
     columns = ("load s", "tok/s", "× fp32", "agree", "RSS MB", "peak MB")
