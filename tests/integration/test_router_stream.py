@@ -1,0 +1,270 @@
+"""GenerateStream through the router, with real nodes whose streams are slowed,
+stalled or cut on the node side (``PacedBackend`` wraps a real tiny model).
+
+Semantics under test (router.streaming): a cut or stalled node stream falls
+back like a failed call; a cloud stream cut after its first delta ends in
+UNAVAILABLE, never with another node's text appended; edge tokens streamed
+early and then replaced are announced by a Restart event; incomplete streams
+are never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.integration.test_router_e2e import (  # noqa: F401 - fixtures
+    CountingBackend,
+    Stack,
+    ask,
+    cloud_backend,
+    closed_port_address,
+    stack,
+)
+from tests.support.tiny_models import tiny_backend
+from tidegate.backend import BackendInfo, Generation, ModelBackend
+from tidegate.chat import GenerationRequest
+from tidegate.v1 import router_pb2
+
+
+class PacedBackend:
+    """A real backend whose stream is paced, stalled or cut on the node side.
+
+    ``delta_delay_s``: sleep before each delta. ``stall_after``: after that many
+    deltas, hang for ``stall_s`` (a stalled upstream). ``cut_after``: after
+    that many deltas, fail (a crashed upstream).
+    """
+
+    def __init__(
+        self,
+        inner: ModelBackend,
+        delta_delay_s: float = 0.0,
+        stall_after: int | None = None,
+        stall_s: float = 30.0,
+        cut_after: int | None = None,
+    ) -> None:
+        self.inner = inner
+        self.delta_delay_s = delta_delay_s
+        self.stall_after = stall_after
+        self.stall_s = stall_s
+        self.cut_after = cut_after
+        self.calls = 0
+
+    @property
+    def info(self) -> BackendInfo:
+        return self.inner.info
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        self.calls += 1
+        return await self.inner.generate(request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
+        self.calls += 1
+        sent = 0
+        async for item in self.inner.stream(request):
+            if isinstance(item, str):
+                if sent == self.stall_after:
+                    await asyncio.sleep(self.stall_s)
+                if sent == self.cut_after:
+                    raise RuntimeError("node crashed mid-stream")
+                await asyncio.sleep(self.delta_delay_s)
+                sent += 1
+            yield item
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def collect(call: Any) -> tuple[list[Any], router_pb2.GenerateResponse | None]:
+    """Every event in order (delta strings, Restart messages), then the final response."""
+    events: list[Any] = []
+    final = None
+    async for event in call:
+        kind = event.WhichOneof("kind")
+        if kind == "response":
+            final = event.response
+        elif kind == "restart":
+            events.append(event.restart)
+        else:
+            events.append(event.delta)
+    return events, final
+
+
+def after_restart(events: list[Any]) -> str:
+    """The text a client shows: what came after the last Restart."""
+    text = ""
+    for event in events:
+        text = "" if isinstance(event, router_pb2.Restart) else text + event
+    return text
+
+
+async def cache_entries(stack: Stack) -> int:
+    status = await stack.stub.Status(router_pb2.StatusRequest(), timeout=10)
+    return status.cache_entries
+
+
+# -- stalls and cuts ---------------------------------------------------------------
+
+
+async def test_stalled_cloud_stream_before_any_delta_falls_back_to_the_next_cloud(stack):
+    stalled = PacedBackend(cloud_backend(), stall_after=0, stall_s=30)
+    healthy = CountingBackend(cloud_backend())
+    first = await stack.node("cloud", stalled, estimator=None)
+    second = await stack.node("cloud", healthy, estimator=None)
+    await stack.router([], [first.address, second.address], stream={"idle_timeout_s": 0.5})
+    started = asyncio.get_running_loop().time()
+    events, final = await collect(stack.stub.GenerateStream(ask(), timeout=30))
+    assert asyncio.get_running_loop().time() - started < 10  # not the 30 s stall
+    assert final is not None and final.tier == router_pb2.TIER_CLOUD
+    assert (stalled.calls, healthy.calls) == (1, 1)
+    assert "".join(events) == final.text and final.text
+    status = await stack.stub.Status(router_pb2.StatusRequest(), timeout=10)
+    cloud0 = next(n for n in status.nodes if n.name == "cloud0")
+    assert "stalled" in cloud0.last_error and "stream.idle_timeout_s" in cloud0.last_error
+
+
+async def test_stalled_cloud_stream_after_deltas_is_unavailable_and_not_cached(stack):
+    stalled = PacedBackend(cloud_backend(), stall_after=2, stall_s=30)
+    backup = CountingBackend(cloud_backend())
+    first = await stack.node("cloud", stalled, estimator=None)
+    second = await stack.node("cloud", backup, estimator=None)
+    await stack.router([], [first.address, second.address], stream={"idle_timeout_s": 0.5})
+    deltas: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in stack.stub.GenerateStream(ask(), timeout=30):
+            assert event.WhichOneof("kind") == "delta"  # no response, no other node's text
+            deltas.append(event.delta)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = info.value.details() or ""
+    assert "cloud node cloud0" in details and "cut the stream" in details
+    assert "stalled" in details and "retry the request" in details
+    assert len(deltas) == 2
+    assert backup.calls == 0  # never silently continued by another node
+    assert await cache_entries(stack) == 0
+
+
+async def test_stalled_edge_stream_escalates_to_the_cloud(stack):
+    """Early edge tokens: the edge stalls after two deltas; the client is told
+    to discard them (Restart) before the cloud's answer."""
+    edge = PacedBackend(tiny_backend(seed=0), stall_after=2, stall_s=30)
+    cloud = CountingBackend(cloud_backend())
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router(
+        [edge_server.address],
+        [cloud_server.address],
+        stream={"idle_timeout_s": 0.5, "early_edge_tokens": True},
+    )
+    events, final = await collect(
+        stack.stub.GenerateStream(ask(min_confidence=0.0), timeout=30)
+    )
+    assert final is not None and final.tier == router_pb2.TIER_CLOUD
+    assert final.escalation_code == router_pb2.ESCALATION_CODE_EDGE_UNAVAILABLE
+    restarts = [e for e in events if isinstance(e, router_pb2.Restart)]
+    assert len(restarts) == 1 and "stalled" in restarts[0].reason
+    assert restarts[0].escalation_code == router_pb2.ESCALATION_CODE_EDGE_UNAVAILABLE
+    assert events.index(restarts[0]) == 2  # after the two edge deltas, before the cloud's
+    assert after_restart(events) == final.text
+    assert "restarted" in final.flags
+    assert cloud.calls == 1
+
+
+async def test_cut_edge_stream_before_any_delta_asks_the_cloud_without_restart(stack):
+    edge = PacedBackend(tiny_backend(seed=0), cut_after=0)
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
+    await stack.router(
+        [edge_server.address], [cloud_server.address], stream={"early_edge_tokens": True}
+    )
+    events, final = await collect(stack.stub.GenerateStream(ask(min_confidence=0.0), timeout=30))
+    assert final is not None and final.tier == router_pb2.TIER_CLOUD
+    assert final.escalation_code == router_pb2.ESCALATION_CODE_EDGE_UNAVAILABLE
+    assert not any(isinstance(e, router_pb2.Restart) for e in events)  # nothing to unsee
+    assert "restarted" not in final.flags and "".join(events) == final.text
+
+
+# -- early edge tokens -------------------------------------------------------------
+
+
+async def test_early_edge_tokens_kept_stream_without_restart(stack):
+    edge = PacedBackend(tiny_backend(seed=0))
+    edge_server = await stack.node("edge", edge)
+    cloud = CountingBackend(cloud_backend())
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router(
+        [edge_server.address], [cloud_server.address], stream={"early_edge_tokens": True}
+    )
+    events, final = await collect(stack.stub.GenerateStream(ask(min_confidence=0.0), timeout=30))
+    assert final is not None and final.tier == router_pb2.TIER_EDGE
+    assert len(events) > 1 and all(isinstance(e, str) for e in events)  # streamed as decoded
+    assert "".join(events) == final.text and cloud.calls == 0
+
+
+async def test_early_edge_tokens_then_escalation_sends_restart_first(stack):
+    edge_server = await stack.node("edge", tiny_backend(seed=0))
+    cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
+    await stack.router(
+        [edge_server.address], [cloud_server.address], stream={"early_edge_tokens": True}
+    )
+    request = ask(min_confidence=1.0, tenant="restart")
+    events, final = await collect(stack.stub.GenerateStream(request, timeout=30))
+    assert final is not None and final.tier == router_pb2.TIER_CLOUD
+    restarts = [i for i, e in enumerate(events) if isinstance(e, router_pb2.Restart)]
+    assert len(restarts) == 1 and restarts[0] > 0  # edge text first, then the restart
+    restart = events[restarts[0]]
+    assert restart.escalation_code == router_pb2.ESCALATION_CODE_LOW_CONFIDENCE
+    assert restart.reason == final.escalation_reason
+    assert after_restart(events) == final.text and "restarted" in final.flags
+    # The complete cloud answer was cached; a hit streams it without any restart.
+    again, hit = await collect(stack.stub.GenerateStream(request, timeout=30))
+    assert hit.tier == router_pb2.TIER_CACHE and again == [final.text]
+
+
+async def test_default_streams_judge_the_edge_first_and_never_restart(stack):
+    edge = PacedBackend(tiny_backend(seed=0))
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
+    await stack.router([edge_server.address], [cloud_server.address])
+    events, final = await collect(stack.stub.GenerateStream(ask(min_confidence=1.0), timeout=30))
+    assert final.tier == router_pb2.TIER_CLOUD
+    assert all(isinstance(e, str) for e in events) and "".join(events) == final.text
+
+
+async def test_degraded_after_restart_sends_the_edge_answer_again(stack):
+    edge_server = await stack.node("edge", tiny_backend(seed=0))
+    await stack.router(
+        [edge_server.address],
+        [closed_port_address()],
+        stream={"early_edge_tokens": True},
+        policy={"on_cloud_unavailable": "degraded"},
+    )
+    events, final = await collect(stack.stub.GenerateStream(ask(min_confidence=1.0), timeout=30))
+    assert final.tier == router_pb2.TIER_EDGE
+    assert {"degraded", "restarted"} <= set(final.flags)
+    assert after_restart(events) == final.text  # the client kept nothing else
+    assert await cache_entries(stack) == 0
+
+
+# -- the CLI -----------------------------------------------------------------------
+
+
+async def test_ask_stream_prints_the_restart_and_the_whole_answer(stack):
+    from tests.integration.test_cli import tidegate
+
+    edge_server = await stack.node("edge", tiny_backend(seed=0))
+    cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
+    address = await stack.router(
+        [edge_server.address], [cloud_server.address], stream={"early_edge_tokens": True}
+    )
+    code, out, err = await tidegate(
+        "ask", "--router", address, "--stream", "--min-confidence", "1", "What is 2+2?"
+    )
+    assert code == 0, err
+    assert "[restart: edge confidence" in err and "[cloud" in err
+    final = await stack.stub.Generate(ask("What is 2+2?", min_confidence=1.0), timeout=30)
+    assert final.tier == router_pb2.TIER_CACHE  # the streamed cloud answer was cached
+    assert out.rstrip("\n").endswith(final.text)
