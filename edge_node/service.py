@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from edge_node.estimators import build_estimator
+from edge_node.estimators_registry import edge_estimator
 from edge_node.settings import EdgeSettings
 from tidegate.backend import ModelBackend
 from tidegate.node_servicer import ModelNodeServicer, NodeLimits
@@ -28,7 +28,7 @@ def build_edge_servicer(
     return ModelNodeServicer(
         backend,
         role="edge",
-        estimator=build_estimator(settings.estimator),
+        estimator=edge_estimator(settings.estimator, backend, settings.estimator_options),
         limits=NodeLimits(
             default_max_new_tokens=settings.default_max_new_tokens,
             max_new_tokens_limit=settings.max_new_tokens_limit,

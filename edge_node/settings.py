@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from edge_node.agent_settings import RegisterSettings
 from tidegate.config import ModelSettings, StrictModel
 from tidegate.tls import ServerTls
+
+
+class EstimatorSettings(StrictModel):
+    """Options of the estimators that need more than the generation itself."""
+
+    consistency_samples: int = Field(default=5, ge=2, le=32)
+    """consistency: how many extra answers to sample (each a whole generation)."""
+
+    consistency_temperature: float = Field(default=0.7, gt=0.0, le=2.0)
+    """consistency: the sampling temperature of the extra answers."""
+
+    combiner_file: str | None = None
+    """combiner: the fitted weights (JSON); default
+    ``edge_node/calibration/<model identity>.json``, shipped for the default edge model."""
+
+    combiner_fallback: Literal["seq_prob", "min_prob", "quantile_prob", "mean_entropy"] = "min_prob"
+    """combiner: the single-pass estimator served instead when no weights exist for the
+    loaded model and ``combiner_file`` is unset (a warning is logged; answers carry its name)."""
 
 
 class EdgeSettings(StrictModel):
@@ -19,8 +39,13 @@ class EdgeSettings(StrictModel):
     """The local model: a bundled name, Hugging Face id, folder or .gguf path."""
 
     estimator: str = "seq_prob"
-    """Confidence estimator whose score travels with every answer
-    (seq_prob | min_prob | quantile_prob | mean_entropy)."""
+    """Confidence estimator whose score travels with every answer: single-pass
+    seq_prob | min_prob | quantile_prob | mean_entropy | combiner (fitted weights
+    for this exact model, see README "Confidence"), or consistency (k extra
+    sampled generations) | self_verify (one extra forward pass)."""
+
+    estimator_options: EstimatorSettings = Field(default_factory=EstimatorSettings)
+    """Knobs of the estimators that have any."""
 
     default_max_new_tokens: int = Field(default=256, ge=1, le=32768)
     """New tokens generated when a request does not say."""
@@ -40,10 +65,12 @@ class EdgeSettings(StrictModel):
     @field_validator("estimator")
     @classmethod
     def _known_estimator(cls, value: str) -> str:
-        from edge_node.estimators import ESTIMATORS
+        from edge_node.estimators_registry import ESTIMATOR_NAMES
 
-        if value not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {value!r}; choose one of {', '.join(ESTIMATORS)}")
+        if value not in ESTIMATOR_NAMES:
+            raise ValueError(
+                f"unknown estimator {value!r}; choose one of {', '.join(ESTIMATOR_NAMES)}"
+            )
         return value
 
     @model_validator(mode="after")

@@ -120,6 +120,13 @@ def judge_edge(signal: EdgeSignal, facts: RequestFacts, policy: PolicySettings) 
             f"edge node returned no confidence score; min_confidence "
             f"{facts.threshold:.2f} needs one",
         )
+    mismatch = policy.estimator is not None and signal.estimator != policy.estimator
+    if mismatch and facts.threshold > 0.0:
+        return Decision.escalate(
+            Escalation.LOW_CONFIDENCE,
+            f"edge confidence comes from estimator {signal.estimator or 'unnamed'!r}, but "
+            f"min_confidence was calibrated for {policy.estimator!r}",
+        )
     if signal.confidence < facts.threshold:
         return Decision.escalate(
             Escalation.LOW_CONFIDENCE,

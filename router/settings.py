@@ -100,6 +100,11 @@ class PolicySettings(StrictModel):
     override it (GenerateRequest.min_confidence). Also the bar an edge answer
     must meet to be cached, whatever the request's own threshold."""
 
+    estimator: str | None = Field(default=None, min_length=1, max_length=64)
+    """The confidence estimator min_confidence was calibrated for (``tidegate
+    calibrate`` writes both). Set: an edge answer scored by another estimator is
+    escalated (LOW_CONFIDENCE), since its scores are on another scale. None: any."""
+
     edge_budget: EdgeBudget = Field(default_factory=EdgeBudget)
     """Requests over these limits skip the edge."""
 

@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
 
     sub.add_parser("models", help="list bundled models and whether they are installed")
+
+    from tidegate.evaluation import commands as evaluation_commands  # eval, fit-combiner, …
+
+    evaluation_commands.add_parsers(sub)
     return parser
 
 
@@ -379,6 +383,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_status(args.router, args.json))
         elif args.command == "models":
             return _models()
+        elif args.command in ("eval", "fit-combiner", "calibrate"):
+            from tidegate.evaluation import commands as evaluation_commands
+
+            return evaluation_commands.run(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

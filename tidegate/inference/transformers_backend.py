@@ -17,7 +17,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from tidegate.backend import BackendInfo, Generation
-from tidegate.chat import FinishReason, GenerationRequest
+from tidegate.chat import ChatMessage, FinishReason, GenerationRequest
 from tidegate.errors import InvalidArgument
 from tidegate.inference.detokenize import IncrementalDecoder, StopTextBuffer
 
@@ -174,8 +174,37 @@ class TransformersBackend:
             finally:
                 cancel.set()
 
+    async def next_token_logprobs(
+        self, messages: Sequence[ChatMessage], candidates: Sequence[str]
+    ) -> dict[str, float]:
+        """log p(each candidate's first token) as the assistant's next token after
+        ``messages``: one forward pass over the prompt, no decoding. Used by the
+        self-verification estimator to read P(yes) against P(no)."""
+        request = GenerationRequest(messages=tuple(messages))
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            return await loop.run_in_executor(
+                self._executor, self._next_token_logprobs_sync, request, tuple(candidates)
+            )
+
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @torch.inference_mode()
+    def _next_token_logprobs_sync(
+        self, request: GenerationRequest, candidates: tuple[str, ...]
+    ) -> dict[str, float]:
+        prompt_ids = self.encode_prompt(request)
+        self._check_context(len(prompt_ids), 1)
+        out = self.model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), logits_to_keep=1)
+        logprobs, _ = token_signals(out.logits[0, -1])  # [vocab]
+        result: dict[str, float] = {}
+        for candidate in candidates:
+            ids = self.tokenizer(candidate, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise InvalidArgument(f"candidate {candidate!r} encodes to no tokens")
+            result[candidate] = float(logprobs[ids[0]])
+        return result
 
     # ---- worker thread --------------------------------------------------------------
 

@@ -1,0 +1,88 @@
+"""Every confidence estimator an edge node can be configured with, by name.
+
+Single-pass estimators (``edge_node.estimators``) read the generation's own
+token signals. The others need more: ``combiner`` its fitted weights,
+``consistency`` and ``self_verify`` the backend that produced the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from edge_node.estimators import ESTIMATORS as SINGLE_PASS
+from edge_node.settings import EstimatorSettings
+from tidegate.backend import ConfidenceEstimator, ModelBackend
+
+log = logging.getLogger(__name__)
+
+Factory = Callable[[ModelBackend, EstimatorSettings], ConfidenceEstimator]
+
+
+def _consistency(backend: ModelBackend, options: EstimatorSettings) -> ConfidenceEstimator:
+    from edge_node.estimators_sampling import ConsistencyEstimator
+
+    return ConsistencyEstimator(
+        backend, samples=options.consistency_samples, temperature=options.consistency_temperature
+    )
+
+
+def _self_verify(backend: ModelBackend, options: EstimatorSettings) -> ConfidenceEstimator:
+    from edge_node.estimators_verify import SelfVerifyEstimator
+
+    return SelfVerifyEstimator(backend)
+
+
+def _combiner(backend: ModelBackend, options: EstimatorSettings) -> ConfidenceEstimator:
+    from edge_node.combiner import CombinerEstimator
+
+    path = Path(options.combiner_file) if options.combiner_file else None
+    return CombinerEstimator.for_model(backend.info.model, path)
+
+
+MULTI_PASS: dict[str, Factory] = {
+    "combiner": _combiner,
+    "consistency": _consistency,
+    "self_verify": _self_verify,
+}
+ESTIMATOR_NAMES: tuple[str, ...] = (*SINGLE_PASS, *MULTI_PASS)
+
+
+def build_any_estimator(
+    name: str, backend: ModelBackend, options: EstimatorSettings | None = None
+) -> ConfidenceEstimator:
+    """The estimator ``name`` for answers of ``backend``; ValueError for an unknown name."""
+    if name in SINGLE_PASS:
+        return SINGLE_PASS[name]()
+    try:
+        factory = MULTI_PASS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown confidence estimator {name!r}; choose one of {', '.join(ESTIMATOR_NAMES)}"
+        ) from None
+    return factory(backend, options or EstimatorSettings())
+
+
+def edge_estimator(
+    name: str, backend: ModelBackend, options: EstimatorSettings | None = None
+) -> ConfidenceEstimator:
+    """The estimator an edge node serves with; ConfigError naming the field if unusable.
+
+    ``combiner`` without weights for this model (no ``combiner_file`` given, none
+    shipped for it) falls back to ``options.combiner_fallback`` with a warning: the
+    answers then carry that estimator's name, so a policy calibrated for the
+    combiner sees the difference (see README, Confidence).
+    """
+    from tidegate.errors import ConfigError
+
+    options = options or EstimatorSettings()
+    try:
+        return build_any_estimator(name, backend, options)
+    except FileNotFoundError as exc:
+        if name == "combiner" and options.combiner_file is None:
+            log.warning("%s; serving with %s instead", exc, options.combiner_fallback)
+            return build_any_estimator(options.combiner_fallback, backend, options)
+        raise ConfigError(f"estimator: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"estimator: {exc}") from exc

@@ -1,0 +1,226 @@
+"""tidegate calibrate: threshold picking, per-rule groups, the YAML edit, the router's check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from router.domain import Escalation, Tier
+from router.guard_settings import RuleSettings
+from router.policy import EdgeSignal, RequestFacts, judge_edge
+from router.settings import DEFAULT_POLICY_PATH, PolicySettings, load_router_settings
+from tidegate.chat import FinishReason
+from tidegate.cli import run
+from tidegate.evaluation.calibrate import Target, calibrate, replay, route_groups
+from tidegate.evaluation.policy_yaml import MARKER, ValueUpdate, apply_updates
+
+
+def rec(score, edge, cloud, split="calib", tags=(), tenant="", estimator="combiner"):
+    return {
+        "confidence": {estimator: score},
+        "edge_correct": edge,
+        "cloud_correct": cloud,
+        "split": split,
+        "tags": list(tags),
+        "tenant": tenant,
+    }
+
+
+# Scores 0.1…0.6; the edge is wrong on the three lowest, the cloud right on all but one.
+RECORDS = [
+    rec(0.1, False, True),
+    rec(0.2, False, True),
+    rec(0.3, False, False),
+    rec(0.4, True, True),
+    rec(0.5, True, True),
+    rec(0.6, True, True),
+]
+
+
+def test_target_parsing():
+    assert Target.parse(0.25, None) == Target(escalation=0.25)
+    assert Target.parse(None, "0.6") == Target(accuracy=0.6)
+    assert Target.parse(None, "0.95xcloud") == Target(accuracy=0.95, relative_to_cloud=True)
+    for escalation, accuracy in [(None, None), (0.2, "0.5"), (1.5, None), (None, "lots")]:
+        with pytest.raises(ValueError):
+            Target.parse(escalation, accuracy)
+
+
+def test_target_escalation_picks_the_midpoint_below_the_budget():
+    result = calibrate(RECORDS, "combiner", Target(escalation=0.34))
+    # Escalating the two lowest (1/3) is the most accurate within the budget.
+    assert result.threshold == pytest.approx(0.25)
+    assert result.escalated == pytest.approx(1 / 3) and result.accuracy == pytest.approx(5 / 6)
+    assert (result.edge_accuracy, result.cloud_accuracy) == (0.5, pytest.approx(5 / 6))
+    assert result.reached and result.items == 6
+
+
+def test_target_accuracy_escalates_the_least_that_reaches_it():
+    result = calibrate(RECORDS, "combiner", Target(accuracy=0.8))
+    assert result.threshold == pytest.approx(0.25) and result.escalated == pytest.approx(1 / 3)
+    relative = calibrate(RECORDS, "combiner", Target(accuracy=1.0, relative_to_cloud=True))
+    assert relative.accuracy >= 5 / 6 and relative.escalated == pytest.approx(1 / 3)
+    unreachable = calibrate(RECORDS, "combiner", Target(accuracy=0.99))
+    assert not unreachable.reached and unreachable.accuracy == pytest.approx(5 / 6)
+
+
+def test_extremes_and_replay():
+    assert calibrate(RECORDS, "combiner", Target(escalation=0.0)).threshold == 0.0
+    everything = calibrate(RECORDS, "combiner", Target(escalation=1.0))
+    assert everything.escalated <= 1.0
+    escalated, accuracy, n = replay(RECORDS, "combiner", 0.35)
+    assert (escalated, accuracy, n) == (0.5, pytest.approx(5 / 6), 6)
+
+
+def test_needs_the_estimator_and_both_tiers():
+    with pytest.raises(ValueError, match="'seq_prob' score"):
+        calibrate(RECORDS, "seq_prob", Target(escalation=0.2))
+    edge_only = [dict(r, cloud_correct=None) for r in RECORDS]
+    with pytest.raises(ValueError, match="without --edge-only"):
+        calibrate(edge_only, "combiner", Target(escalation=0.2))
+
+
+def test_items_go_to_the_first_rule_that_matches():
+    rules = [
+        RuleSettings(name="private", tags=["pii"], route="edge_only"),
+        RuleSettings(name="math", tags=["arithmetic"], min_confidence=0.9),
+        RuleSettings(name="acme", tenants=["acme"], min_confidence=0.2),
+        RuleSettings(name="slow", tags=["dates"], deadline_s=5),
+    ]
+    records = [
+        rec(0.1, True, True, tags=["pii", "arithmetic"]),  # pinned: no threshold
+        rec(0.2, True, True, tags=["arithmetic"], tenant="acme"),  # math comes first
+        rec(0.3, True, True, tenant="acme"),
+        rec(0.4, True, True, tags=["dates"]),  # deadline only: the policy's threshold
+        rec(0.5, True, True),
+    ]
+    groups = route_groups(records, rules)
+    assert {k: [r["confidence"]["combiner"] for r in v] for k, v in groups.items()} == {
+        None: [0.4, 0.5],
+        1: [0.2],
+        2: [0.3],
+    }
+
+
+# ---- the YAML edit ----------------------------------------------------------------------------
+
+POLICY_YAML = """\
+# my router
+listen: 127.0.0.1:50051   # keep me
+
+policy:
+  version: v7                  # a comment on version
+  min_confidence: 0.5          # keep the edge answer when confidence >= this
+                               # (continued)
+  escalate_truncated: true
+rules:
+  - name: math
+    tags: [arithmetic]
+    min_confidence: "0.9"
+"""
+
+
+def test_only_the_value_changes_and_comments_stay():
+    new = apply_updates(POLICY_YAML, [ValueUpdate(("policy",), "min_confidence", "0.4375")])
+    assert new == POLICY_YAML.replace("min_confidence: 0.5 ", "min_confidence: 0.4375 ")
+
+
+def test_provenance_block_is_written_and_replaced():
+    update = ValueUpdate(("policy",), "min_confidence", "0.3", ["first line", "second"])
+    once = apply_updates(POLICY_YAML, [update])
+    assert f"  {MARKER} first line\n  {MARKER} second\n  min_confidence: 0.3" in once
+    twice = apply_updates(once, [ValueUpdate(("policy",), "min_confidence", "0.2", ["newer"])])
+    assert "first line" not in twice and f"  {MARKER} newer\n  min_confidence: 0.2" in twice
+    assert twice.count(MARKER) == 1
+
+
+def test_missing_keys_are_inserted_and_rules_are_reached_by_index():
+    new = apply_updates(
+        POLICY_YAML,
+        [
+            ValueUpdate(("policy",), "estimator", "combiner"),
+            ValueUpdate(("rules", 0), "min_confidence", "0.66"),
+        ],
+    )
+    assert "  estimator: combiner\n  version: v7" in new
+    assert "min_confidence: 0.66\n" in new and '"0.9"' not in new
+    assert "# a comment on version" in new and "# my router" in new
+
+
+def test_a_file_without_a_policy_section_gets_one():
+    new = apply_updates(
+        "listen: 127.0.0.1:1\n", [ValueUpdate(("policy",), "min_confidence", "0.1", ["why"])]
+    )
+    assert new == f"listen: 127.0.0.1:1\npolicy:\n  {MARKER} why\n  min_confidence: 0.1\n"
+
+
+def test_unusable_shapes_are_errors():
+    with pytest.raises(ValueError, match="flow mapping"):
+        apply_updates(
+            "policy: {min_confidence: 0.5}\n", [ValueUpdate(("policy",), "min_confidence", "0.1")]
+        )
+    with pytest.raises(ValueError, match="no 'rules.3' section"):
+        apply_updates(POLICY_YAML, [ValueUpdate(("rules", 3), "min_confidence", "0.1")])
+
+
+# ---- the command, end to end on an items file ----------------------------------------------
+
+
+def _items(tmp_path: Path) -> Path:
+    out = tmp_path / "eval"
+    out.mkdir()
+    records = [dict(r, split="calib") for r in RECORDS] + [dict(r, split="test") for r in RECORDS]
+    (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "metrics.json").write_text(json.dumps({"run": {"edge_model": "edge@abc/int8"}}))
+    return out / "items.jsonl"
+
+
+def test_calibrate_command_updates_the_default_policy_keeping_the_rest(tmp_path, capsys):
+    policy = tmp_path / "router.yaml"
+    original = DEFAULT_POLICY_PATH.read_text()
+    policy.write_text(original)
+    items = _items(tmp_path)
+    code = run(
+        ["calibrate", "--data", str(items), "--target-escalation", "0.34", "--policy", str(policy)]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "threshold 0.2500" in out and "held out:    6 items" in out
+    settings = load_router_settings(policy)
+    assert settings.policy.min_confidence == 0.25 and settings.policy.estimator == "combiner"
+    new = policy.read_text()
+    assert "edge@abc/int8" in new and "held out (6 items)" in new
+    # Every original line is still there (only min_confidence's value differs).
+    changed = [line for line in original.splitlines() if line not in new.splitlines()]
+    assert len(changed) <= 1 and all("min_confidence:" in line for line in changed)
+
+
+def test_calibrate_dry_run_and_errors(tmp_path, capsys):
+    policy = tmp_path / "router.yaml"
+    policy.write_text("policy:\n  min_confidence: 0.5\n")
+    items = _items(tmp_path)
+    args = ["calibrate", "--data", str(items), "--policy", str(policy)]
+    assert run([*args, "--target-escalation", "0.3", "--dry-run"]) == 0
+    assert policy.read_text() == "policy:\n  min_confidence: 0.5\n"
+    assert run([*args, "--target-escalation", "0.3", "--split", "nope"]) == 2
+    assert "no items with split 'nope'" in capsys.readouterr().err
+    assert run([*args, "--target-accuracy", "0.5", "--estimator", "seq_prob"]) == 2
+
+
+# ---- the router refuses a threshold calibrated for another estimator --------------------------
+
+
+def test_router_escalates_scores_from_another_estimator():
+    policy = PolicySettings(min_confidence=0.3, estimator="combiner")
+    facts = RequestFacts(prompt_tokens=5, max_new_tokens=16, threshold=0.3)
+    other = EdgeSignal(confidence=0.99, estimator="seq_prob", finish_reason=FinishReason.STOP)
+    decision = judge_edge(other, facts, policy)
+    assert decision.tier is Tier.CLOUD and decision.escalation is Escalation.LOW_CONFIDENCE
+    assert "calibrated for 'combiner'" in decision.reason
+    same = EdgeSignal(confidence=0.99, estimator="combiner", finish_reason=FinishReason.STOP)
+    assert judge_edge(same, facts, policy).tier is Tier.EDGE
+    keep_all = RequestFacts(prompt_tokens=5, max_new_tokens=16, threshold=0.0)
+    assert judge_edge(other, keep_all, policy).tier is Tier.EDGE  # threshold 0 keeps anything
+    assert judge_edge(other, facts, PolicySettings(min_confidence=0.3)).tier is Tier.EDGE

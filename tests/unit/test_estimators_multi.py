@@ -1,0 +1,108 @@
+"""Multi-pass estimators (consistency, self-verification) and the backend's next-token log-probs,
+over a real tiny transformers model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from edge_node.estimators_sampling import ConsistencyEstimator, answer_key
+from edge_node.estimators_verify import SelfVerifyEstimator, verification_messages
+from tests.support.tiny_models import tiny_backend
+from tidegate.backend import ConfidenceEstimator
+from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
+from tidegate.errors import InvalidArgument
+
+REQUEST = GenerationRequest(
+    (ChatMessage("user", "What is the capital of France?"),), SamplingParams(max_new_tokens=6)
+)
+
+
+@pytest.fixture(scope="module")
+async def backend():
+    b = tiny_backend()
+    yield b
+    await b.close()
+
+
+async def test_next_token_logprobs_match_a_direct_forward_pass(backend):
+    messages = (ChatMessage("user", "Is Paris the capital? Answer yes or no."),)
+    got = await backend.next_token_logprobs(messages, ["Yes", "No", "yes"])
+    ids = backend.encode_prompt(GenerationRequest(messages))
+    with torch.inference_mode():
+        logits = backend.model(input_ids=torch.tensor([ids])).logits[0, -1]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    for candidate, value in got.items():
+        first = backend.tokenizer(candidate, add_special_tokens=False)["input_ids"][0]
+        assert value == pytest.approx(float(expected[first]), abs=1e-4)
+        assert value <= 0.0
+
+
+async def test_next_token_logprobs_reject_an_empty_candidate(backend):
+    with pytest.raises(InvalidArgument, match="no tokens"):
+        await backend.next_token_logprobs((ChatMessage("user", "q"),), [""])
+
+
+async def test_self_verify_reads_p_yes_against_p_no(backend):
+    estimator = SelfVerifyEstimator(backend)
+    assert isinstance(estimator, ConfidenceEstimator)
+    generation = await backend.generate(REQUEST)
+    score = await estimator.score(REQUEST, generation)
+    logprobs = await backend.next_token_logprobs(
+        verification_messages(REQUEST, generation.text), ["Yes", "yes", "No", "no"]
+    )
+    yes = math.exp(logprobs["Yes"]) + math.exp(logprobs["yes"])
+    no = math.exp(logprobs["No"]) + math.exp(logprobs["no"])
+    assert 0.0 < score < 1.0
+    assert score == pytest.approx(yes / (yes + no))
+    assert "1 extra forward pass" in estimator.extra_cost
+
+
+def test_verification_prompt_holds_question_answer_and_system_prompt():
+    request = GenerationRequest(
+        (ChatMessage("system", "Be brief."), ChatMessage("user", "Capital of France?"))
+    )
+    messages = verification_messages(request, " Paris ")
+    assert messages[0] == ChatMessage("system", "Be brief.")
+    assert "Capital of France?" in messages[-1].content
+    assert "Proposed answer: Paris\n" in messages[-1].content
+    assert messages[-1].role == "user"
+
+
+def test_self_verify_needs_a_backend_with_next_token_logprobs():
+    with pytest.raises(ValueError, match="next-token log-probs"):
+        SelfVerifyEstimator(object())
+
+
+def test_answer_keys_ignore_the_restated_question_and_filler():
+    q = "What is the capital of Japan?"
+    assert answer_key("The capital of Japan is Tokyo.", q) == answer_key("Tokyo", q)
+    assert answer_key("tokyo!", q) == answer_key("It is Tokyo", q)
+    assert answer_key("The capital of Japan is Kyoto.", q) != answer_key("Tokyo", q)
+    comparison = "Which is larger, 51 or 76?"
+    assert answer_key("76", comparison) != answer_key("51", comparison)
+
+
+async def test_consistency_near_greedy_sampling_agrees(backend):
+    estimator = ConsistencyEstimator(backend, samples=3, temperature=1e-4)
+    assert isinstance(estimator, ConfidenceEstimator)
+    assert estimator.extra_cost == "3 extra generations"
+    generation = await backend.generate(REQUEST)
+    assert await estimator.score(REQUEST, generation) == 1.0
+
+
+async def test_consistency_hot_sampling_of_a_random_model_disagrees(backend):
+    estimator = ConsistencyEstimator(backend, samples=4, temperature=2.0)
+    generation = await backend.generate(REQUEST)
+    first = await estimator.score(REQUEST, generation)
+    assert first in (0.0, 0.25, 0.5, 0.75)  # a random model rarely repeats itself when hot
+    assert await estimator.score(REQUEST, generation) == first  # seeded: reproducible
+
+
+async def test_consistency_compares_against_the_given_answer(backend):
+    estimator = ConsistencyEstimator(backend, samples=2, temperature=1e-4)
+    generation = await backend.generate(REQUEST)
+    generation.text = "something the model would never say"
+    assert await estimator.score(REQUEST, generation) == 0.0

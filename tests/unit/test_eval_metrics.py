@@ -1,0 +1,97 @@
+"""AUROC, PRR, ECE and the routing curve on examples small enough to check by hand."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from tidegate.evaluation.metrics import (
+    accuracy_at_escalation,
+    auroc,
+    ece,
+    escalation_for_accuracy,
+    oracle_point,
+    prr,
+    routing_curve,
+)
+
+T, F = True, False
+
+
+def test_auroc_counts_pairs():
+    # right: 0.9, 0.3; wrong: 0.8, 0.1 → 3 of 4 (right, wrong) pairs ordered correctly.
+    assert auroc([0.9, 0.8, 0.3, 0.1], [T, F, T, F]) == pytest.approx(0.75)
+    assert auroc([0.9, 0.1], [T, F]) == 1.0
+    assert auroc([0.1, 0.9], [T, F]) == 0.0
+
+
+def test_auroc_ties_count_half_and_one_class_is_undefined():
+    assert auroc([0.5, 0.5], [T, F]) == 0.5
+    assert auroc([0.5, 0.5, 0.9], [T, F, T]) == pytest.approx((0.5 + 1) / 2)
+    assert auroc([0.2, 0.4], [T, T]) is None
+    assert auroc([0.2, 0.4], [F, F]) is None
+
+
+def test_auroc_ignores_item_order():
+    rng = random.Random(0)
+    scores = [rng.random() for _ in range(50)]
+    right = [rng.random() < s for s in scores]
+    pairs = list(zip(scores, right, strict=True))
+    rng.shuffle(pairs)
+    assert auroc(scores, right) == pytest.approx(auroc(*map(list, zip(*pairs, strict=True))))
+
+
+def test_prr_by_hand():
+    # quality after rejecting 0..4 lowest: .5 .75 .75 1 1 → trapezoids 0.8125;
+    # random .5→1 linearly: 0.75; oracle (both wrong first): 0.875 → (0.0625)/(0.125).
+    assert prr([0.1, 0.2, 0.3, 0.4], [F, T, F, T]) == pytest.approx(0.5)
+
+
+def test_prr_perfect_random_reversed():
+    right = [F, F, T, T, T]
+    assert prr([0.1, 0.2, 0.7, 0.8, 0.9], right) == pytest.approx(1.0)
+    assert prr([0.5] * 5, right) == pytest.approx(0.0)  # all tied: random rejection
+    assert prr([0.9, 0.8, 0.3, 0.2, 0.1], right) < 0
+    assert prr([0.3, 0.4], [T, T]) is None
+
+
+def test_ece_by_hand():
+    # bin [0.9, 1): accuracy 0.5 vs 0.95; bin [0.1, 0.2): accuracy 0 vs 0.15; half the items each.
+    assert ece([0.95, 0.95, 0.15, 0.15], [T, F, F, F]) == pytest.approx(0.45 / 2 + 0.15 / 2)
+    assert ece([1.0, 0.0], [T, F]) == pytest.approx(0.0)  # 1.0 falls in the top bin
+    assert ece([], []) is None
+
+
+def test_routing_curve_by_hand():
+    curve = routing_curve([0.1, 0.2, 0.3], [F, T, T], [T, T, F])
+    got = [(p.threshold, p.escalated, p.accuracy) for p in curve]
+    expected = [(0.1, 0, 2 / 3), (0.2, 1 / 3, 1.0), (0.3, 2 / 3, 1.0), (math.inf, 1.0, 2 / 3)]
+    for (t, e, a), (te, ee, ae) in zip(got, expected, strict=True):
+        assert t == te and e == pytest.approx(ee) and a == pytest.approx(ae)
+
+
+def test_routing_curve_moves_tied_items_together():
+    curve = routing_curve([0.5, 0.5, 0.9], [T, F, T], [F, T, T])
+    assert [(p.escalated, p.accuracy) for p in curve] == [
+        (0.0, pytest.approx(2 / 3)),
+        (pytest.approx(2 / 3), pytest.approx(2 / 3)),
+        (1.0, pytest.approx(2 / 3)),
+    ]
+
+
+def test_oracle_and_targets():
+    edge, cloud = [F, T, T], [T, T, F]
+    oracle = oracle_point(edge, cloud)
+    assert (oracle.escalated, oracle.accuracy) == (pytest.approx(1 / 3), 1.0)
+    curve = routing_curve([0.1, 0.2, 0.3], edge, cloud)
+    reach = escalation_for_accuracy(curve, 1.0)
+    assert reach is not None and reach.escalated == pytest.approx(1 / 3) and reach.threshold == 0.2
+    assert escalation_for_accuracy(curve, 1.01) is None
+    budget = accuracy_at_escalation(curve, 0.5)
+    assert (
+        budget is not None and budget.accuracy == 1.0 and budget.escalated == pytest.approx(1 / 3)
+    )
+    none = accuracy_at_escalation(curve, 0.0)
+    assert none is not None and none.escalated == 0.0

@@ -1,0 +1,130 @@
+"""The answer scorer: normalisation, the three modes, and the traps small models set."""
+
+from __future__ import annotations
+
+import pytest
+
+from tidegate.evaluation.dataset import EvalItem
+from tidegate.evaluation.scoring import choose_option, is_correct, normalize
+
+MMLU = {"A": "1", "B": "2", "C": "infinitely many", "D": "0"}
+
+
+def item(question: str, *answers: str, choices: dict[str, str] | None = None) -> EvalItem:
+    return EvalItem("x", question, answers, choices)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The Bogotá!", "bogota"),
+        ("An apple, a pear", "apple pear"),
+        ("twenty-one", "21"),
+        ("Eight", "8"),
+        ("14,047", "14047"),
+        ("7.86", "7.86"),
+        ("It is -5.", "it is -5"),
+        ("3022 - 908", "3022 908"),
+    ],
+)
+def test_normalize(text, expected):
+    assert normalize(text) == expected
+
+
+ARITH = "What is 4 + 9? Answer with just the number."
+
+
+@pytest.mark.parametrize(
+    ("reply", "right"),
+    [
+        ("13", True),
+        ("thirteen", True),
+        ("The sum of 4 and 9 is 13.", True),  # question numbers restated first
+        ("4 + 9 = 13", True),
+        ("4 + 9 = 12", False),
+        ("12 or 13", False),  # a hedge
+        ("The answer is 12.", False),
+        ("", False),
+    ],
+)
+def test_numeric(reply, right):
+    assert is_correct(item(ARITH, "13"), reply) is right
+
+
+def test_numeric_comparisons_take_the_first_number():
+    q = "Which is larger, 19 or 40? Answer with just the number."
+    assert is_correct(item(q, "40"), "40 is larger than 19")
+    assert not is_correct(item(q, "40"), "19 is a larger number than 40")
+    assert is_correct(item("Which is larger, 7.86 or 7.1?", "7.86"), "7.860")
+
+
+def test_numeric_thousands_and_aliases():
+    q = "What is 6399 + 364? Answer with just the number."
+    assert is_correct(item(q, "6763", "6,763"), "The answer is 6,763.")
+    assert not is_correct(item(q, "6763", "6,763"), "6399 + 364 = 6,663")
+
+
+@pytest.mark.parametrize(
+    ("reply", "right"),
+    [
+        ("Tokyo", True),
+        ("The capital of Japan is Tokyo.", True),
+        ("tokyo.", True),
+        ("The capital of Japan is Kyoto.", False),
+        ("Tokyo or Kyoto", False),
+        ("Kyoto, Osaka, Tokyo", False),
+        ("Tokyoite", False),  # whole words only
+    ],
+)
+def test_text(reply, right):
+    assert is_correct(item("What is the capital of Japan?", "Tokyo"), reply) is right
+
+
+def test_text_does_not_count_the_restated_question():
+    q = "What is the capital of Djibouti? Answer with just the city name."
+    assert not is_correct(item(q, "Djibouti"), "The capital of Djibouti is Ali Sabieh.")
+    assert is_correct(item(q, "Djibouti"), "The capital of Djibouti is Djibouti.")
+    assert is_correct(item(q, "Djibouti"), "Djibouti")
+
+
+def test_text_lists_of_alternatives():
+    continent = item("On which continent is Panama?", "North America", "Americas")
+    assert not is_correct(continent, "It is located in the Americas, Africa, and Asia.")
+    language = item("Name one official language of the DR Congo.", "French", "Lingala")
+    assert is_correct(language, "French and Lingala")  # every item is accepted
+    assert not is_correct(language, "French or English")
+    assert is_correct(item("q", "Sarajevo"), "Bosnia and Herzegovina's capital is Sarajevo.")
+
+
+def test_short_capitalised_answers_match_case_sensitively():
+    indium = item("What is the chemical symbol of indium?", "In")
+    assert is_correct(indium, "The chemical symbol of indium is In.")
+    assert not is_correct(indium, "It is found in nature.")
+    assert is_correct(item("What is the chemical symbol of helium?", "He"), "He")
+
+
+@pytest.mark.parametrize(
+    ("reply", "choice"),
+    [
+        ("B", "B"),
+        ("B. 2", "B"),
+        ("(B)", "B"),
+        ("Answer: B", "B"),
+        ("The answer is 2", "B"),  # the option text, no letter
+        ("infinitely many", "C"),
+        ("A. 1", "A"),  # the letter decides, even with the wrong option's text
+        ("B or C", None),
+        ("A, B", None),
+        ("I don't know", None),
+    ],
+)
+def test_choose_option(reply, choice):
+    assert choose_option(reply, MMLU) == choice
+
+
+def test_multiple_choice_correctness():
+    mmlu = item("How many homomorphisms …?", "B", "2", choices=MMLU)
+    assert is_correct(mmlu, "B. 2")
+    assert is_correct(mmlu, "The answer is 2.")
+    assert not is_correct(mmlu, "A. 1")
+    assert not is_correct(mmlu, "B or C")

@@ -1,0 +1,181 @@
+"""``tidegate calibrate``: pick a routing threshold from an evaluation, write it into a policy.
+
+The evaluation is an ``items.jsonl`` written by ``tidegate eval`` (each item's
+edge/cloud correctness and every estimator's score). For one estimator the
+routing curve says, at each threshold, which fraction escalates and how
+accurate the routed answers are; the target picks the point:
+
+- ``--target-escalation F``: the most accurate point escalating at most F;
+- ``--target-accuracy A``: the point escalating least whose accuracy is ≥ A
+  (A absolute, e.g. ``0.6``, or relative to cloud-only accuracy: ``0.95xcloud``).
+
+The threshold written is the midpoint between the highest escalated score and
+the lowest kept one (a margin for unseen items), rounded to 4 decimals.
+With rules carrying their own thresholds (``policy.rules`` matching tags or
+tenants), each rule is calibrated on the items it matches, the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tidegate.evaluation.metrics import (
+    CurvePoint,
+    accuracy_at_escalation,
+    escalation_for_accuracy,
+    routing_curve,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    escalation: float | None = None  # at most this fraction escalated
+    accuracy: float | None = None  # at least this accuracy…
+    relative_to_cloud: bool = False  # …as a fraction of cloud-only accuracy
+
+    @classmethod
+    def parse(cls, escalation: float | None, accuracy: str | None) -> Target:
+        if (escalation is None) == (accuracy is None):
+            raise ValueError("give exactly one of --target-escalation and --target-accuracy")
+        if escalation is not None:
+            if not 0.0 <= escalation <= 1.0:
+                raise ValueError(f"--target-escalation must be in [0, 1] (got {escalation})")
+            return cls(escalation=escalation)
+        assert accuracy is not None
+        relative = accuracy.endswith("xcloud")
+        try:
+            value = float(accuracy.removesuffix("xcloud"))
+        except ValueError:
+            raise ValueError(
+                f"--target-accuracy takes a fraction (0.6) or a fraction of cloud-only "
+                f"accuracy (0.95xcloud), not {accuracy!r}"
+            ) from None
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"--target-accuracy must be in (0, 1] (got {value})")
+        return cls(accuracy=value, relative_to_cloud=relative)
+
+    def describe(self) -> str:
+        if self.escalation is not None:
+            return f"escalation ≤ {100 * self.escalation:.1f}%"
+        assert self.accuracy is not None
+        if self.relative_to_cloud:
+            return f"accuracy ≥ {100 * self.accuracy:.1f}% of cloud-only"
+        return f"accuracy ≥ {100 * self.accuracy:.1f}%"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float  # keep the edge answer when its score is ≥ this
+    escalated: float  # expected fraction escalated (on the calibration items)
+    accuracy: float  # expected routed accuracy
+    edge_accuracy: float
+    cloud_accuracy: float
+    items: int
+    reached: bool  # False: no threshold meets the target; the closest is reported
+
+
+def _usable(records: Sequence[Mapping[str, Any]], estimator: str) -> list[Mapping[str, Any]]:
+    return [
+        r
+        for r in records
+        if r.get("edge_correct") is not None
+        and r.get("cloud_correct") is not None
+        and estimator in (r.get("confidence") or {})
+    ]
+
+
+def _between(scores: Sequence[float], point: CurvePoint) -> float:
+    """A threshold between the highest escalated score and the lowest kept one."""
+    kept_low = point.threshold
+    below = [s for s in scores if s < kept_low]
+    if not math.isfinite(kept_low):  # escalate everything
+        return min(1.0, round(max(scores) + 1e-4, 4)) if max(scores) < 1.0 else 1.0
+    if not below:  # escalate nothing
+        return 0.0
+    mid = (max(below) + kept_low) / 2
+    rounded = round(mid, 4)
+    return rounded if max(below) < rounded <= kept_low else mid
+
+
+def calibrate(records: Sequence[Mapping[str, Any]], estimator: str, target: Target) -> Calibration:
+    """The threshold meeting ``target`` on ``records`` (see the module docstring)."""
+    usable = _usable(records, estimator)
+    if not usable:
+        raise ValueError(
+            f"no items with an edge and a cloud answer and a {estimator!r} score; run "
+            "`tidegate eval` without --edge-only (and with this estimator)"
+        )
+    scores = [float(r["confidence"][estimator]) for r in usable]
+    edge = [bool(r["edge_correct"]) for r in usable]
+    cloud = [bool(r["cloud_correct"]) for r in usable]
+    curve = routing_curve(scores, edge, cloud)
+    cloud_accuracy = sum(cloud) / len(cloud)
+    if target.escalation is not None:
+        point = accuracy_at_escalation(curve, target.escalation)
+        reached = point is not None
+        point = point or curve[0]
+    else:
+        assert target.accuracy is not None
+        goal = target.accuracy * (cloud_accuracy if target.relative_to_cloud else 1.0)
+        point = escalation_for_accuracy(curve, goal)
+        reached = point is not None
+        point = point or max(curve, key=lambda p: (p.accuracy, -p.escalated))
+    return Calibration(
+        threshold=_between(scores, point),
+        escalated=point.escalated,
+        accuracy=point.accuracy,
+        edge_accuracy=sum(edge) / len(edge),
+        cloud_accuracy=cloud_accuracy,
+        items=len(usable),
+        reached=reached,
+    )
+
+
+def replay(
+    records: Sequence[Mapping[str, Any]], estimator: str, threshold: float
+) -> tuple[float, float, int]:
+    """(escalated, accuracy, items) of a fixed threshold on other items (a held-out split)."""
+    usable = _usable(records, estimator)
+    if not usable:
+        return math.nan, math.nan, 0
+    sent = [float(r["confidence"][estimator]) < threshold for r in usable]
+    right = [
+        bool(r["cloud_correct"] if s else r["edge_correct"])
+        for r, s in zip(usable, sent, strict=True)
+    ]
+    return sum(sent) / len(sent), sum(right) / len(right), len(usable)
+
+
+def route_groups(
+    records: Sequence[Mapping[str, Any]], rules: Sequence[Any]
+) -> dict[int | None, list[Mapping[str, Any]]]:
+    """Items by the threshold that judges them, as the router's first-match rules do.
+
+    Key ``i``: the rule at index i sets ``min_confidence`` and is the first rule the
+    item matches; key ``None``: the policy's own threshold. Items whose first match
+    forces or pins a tier, or would need the PII detector, are left out (no
+    threshold judges them, or the dev set cannot say).
+    """
+    groups: dict[int | None, list[Mapping[str, Any]]] = {None: []}
+    for record in records:
+        tags = set(record.get("tags") or [])
+        tenant = record.get("tenant") or ""
+        for index, rule in enumerate(rules):
+            if rule.tenants and tenant not in rule.tenants:
+                continue
+            if rule.tags and tags.isdisjoint(rule.tags):
+                continue
+            if rule.pii or rule.route != "auto":
+                break  # not judged by a threshold (or not knowable here): left out
+            if rule.min_confidence is not None:
+                groups.setdefault(index, []).append(record)
+                break
+            # A rule that only sets a deadline decides the route: the policy threshold.
+            groups[None].append(record)
+            break
+        else:
+            groups[None].append(record)
+    return groups

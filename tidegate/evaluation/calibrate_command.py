@@ -1,0 +1,163 @@
+"""The ``tidegate calibrate`` command: load the evaluation, calibrate each threshold, write."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tidegate.errors import ConfigError
+from tidegate.evaluation.calibrate import Calibration, Target, calibrate, replay, route_groups
+from tidegate.evaluation.policy_yaml import ValueUpdate, apply_updates
+
+
+def _is_items_file(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return "edge_correct" in json.loads(line)
+    return False
+
+
+def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str, Any]], str]:
+    """The items and the edge model identity: read, or evaluated now from a data file."""
+    from tidegate.evaluation.runner import read_items
+
+    if not args.data.is_file():
+        raise ConfigError(f"--data {args.data} does not exist")
+    if _is_items_file(args.data):
+        metrics = args.data.parent / "metrics.json"
+        model = json.loads(metrics.read_text())["run"]["edge_model"] if metrics.exists() else None
+        return read_items(args.data), model or "an unrecorded edge model"
+    from cloud_node.settings import CloudSettings
+    from edge_node.settings import EdgeSettings
+    from tidegate.config import load_config
+    from tidegate.evaluation.runner import EvalOptions, evaluate
+
+    out = args.out or Path(tempfile.mkdtemp(prefix="tidegate-calibrate-"))
+    options = EvalOptions(
+        data=args.data,
+        out=out,
+        estimators=(estimator,),
+        edge=load_config(EdgeSettings, args.edge_config, env_prefix="TIDEGATE_EDGE"),
+        cloud=load_config(CloudSettings, args.cloud_config, env_prefix="TIDEGATE_CLOUD"),
+    )
+    metrics = asyncio.run(evaluate(options))
+    print(f"evaluated {args.data} into {out}", file=sys.stderr)
+    return read_items(out / "items.jsonl"), metrics["run"]["edge_model"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _provenance(
+    estimator: str,
+    model: str,
+    args: argparse.Namespace,
+    target: Target,
+    result: Calibration,
+    held: tuple[float, float, int] | None,
+) -> list[str]:
+    lines = [
+        f"{time.strftime('%Y-%m-%d', time.gmtime())} by `tidegate calibrate`, estimator "
+        f"{estimator} on edge model {model}",
+        f"data {args.data} split {args.split} ({result.items} items), target {target.describe()}"
+        + ("" if result.reached else " (NOT reached: closest point)"),
+        f"expected: {_pct(result.escalated)} escalated, routed accuracy {_pct(result.accuracy)} "
+        f"(edge only {_pct(result.edge_accuracy)}, cloud only {_pct(result.cloud_accuracy)})",
+    ]
+    if held is not None and held[2]:
+        lines.append(
+            f"held out ({held[2]} items): {_pct(held[0])} escalated, accuracy {_pct(held[1])}"
+        )
+    return lines
+
+
+def _validate(text: str, policy: Path) -> None:
+    """The new file must still load as router settings; ConfigError naming the field if not."""
+    from router.settings import load_router_settings
+
+    fd, tmp = tempfile.mkstemp(suffix=".yaml", dir=policy.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        load_router_settings(tmp)
+    finally:
+        os.unlink(tmp)
+
+
+def _report(name: str, result: Calibration, held: tuple[float, float, int] | None) -> str:
+    line = (
+        f"{name:24} threshold {result.threshold:.4f}  {result.items:4} items  "
+        f"escalated {_pct(result.escalated):>6}  accuracy {_pct(result.accuracy):>6}  "
+        f"(edge {_pct(result.edge_accuracy)}, cloud {_pct(result.cloud_accuracy)})"
+    )
+    if not result.reached:
+        line += "  target NOT reached"
+    if held is not None and held[2]:
+        line += f"\n{'':24} held out: {held[2]:4} items  escalated {_pct(held[0]):>6}  "
+        line += f"accuracy {_pct(held[1]):>6}"
+    return line
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from router.settings import load_router_settings
+
+    try:
+        target = Target.parse(args.target_escalation, args.target_accuracy)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    settings = load_router_settings(args.policy)
+    estimator = args.estimator or getattr(settings.policy, "estimator", None) or "combiner"
+    records, model = _evaluation(args, estimator)
+    calib = [r for r in records if r.get("split") == args.split]
+    if not calib:
+        print(f"error: no items with split {args.split!r} in {args.data}", file=sys.stderr)
+        return 2
+    held_out = [r for r in records if r.get("split") not in (args.split, None, "")]
+    rules: Sequence[Any] = getattr(settings, "rules", [])
+    groups = route_groups(calib, rules)
+    held_groups: Mapping[int | None, list[Mapping[str, Any]]] = route_groups(held_out, rules)
+    updates: list[ValueUpdate] = []
+    print(f"estimator {estimator} · edge model {model} · target {target.describe()}")
+    for key, members in sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        name = "policy.min_confidence" if key is None else f"rules[{rules[key].name}]"
+        if not members:
+            print(f"{name:24} no calibration items reach it; left as it is")
+            continue
+        try:
+            result = calibrate(members, estimator, target)
+        except ValueError as exc:
+            print(f"error: {name}: {exc}", file=sys.stderr)
+            return 2
+        held = None
+        if held_groups.get(key):
+            held = replay(held_groups[key], estimator, result.threshold)
+        print(_report(name, result, held))
+        comment = _provenance(estimator, model, args, target, result, held)
+        path: tuple[str | int, ...] = ("policy",) if key is None else ("rules", key)
+        updates.append(ValueUpdate(path, "min_confidence", f"{result.threshold:.4g}", comment))
+    if "estimator" in type(settings.policy).model_fields:
+        updates.append(ValueUpdate(("policy",), "estimator", estimator))
+    text = args.policy.read_text(encoding="utf-8")
+    try:
+        new = apply_updates(text, updates)
+        _validate(new, args.policy)
+    except (ValueError, ConfigError) as exc:
+        print(f"error: {args.policy}: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"(dry run: {args.policy} not changed)")
+        return 0
+    args.policy.write_text(new, encoding="utf-8")
+    print(f"wrote {args.policy}")
+    return 0

@@ -1,0 +1,185 @@
+"""The evaluation subcommands of ``tidegate``: eval, fit-combiner, calibrate.
+
+``tidegate.cli`` registers them with ``add_parsers`` and dispatches to ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+COMMANDS = ("eval", "fit-combiner", "calibrate")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate the edge's confidence estimators (and the cloud) on labelled items",
+        description="Run the edge model with its estimators, and the cloud model, over "
+        "FILE.jsonl; write DIR/items.jsonl, DIR/metrics.json and DIR/curve.png. Model "
+        "outputs are cached (keyed by model identity + prompt), so re-runs are cheap.",
+    )
+    ev.add_argument("--data", required=True, type=Path, help="items, one JSON object a line")
+    ev.add_argument("--out", required=True, type=Path, help="output folder")
+    ev.add_argument("--split", help="only items with this split (e.g. calib, test)")
+    ev.add_argument("--limit", type=int, help="only the first N items (after --split)")
+    tiers = ev.add_mutually_exclusive_group()
+    tiers.add_argument("--edge-only", action="store_true", help="skip the cloud model")
+    tiers.add_argument(
+        "--cloud-only", action="store_true", help="only the cloud model (pre-fills its cache)"
+    )
+    ev.add_argument("--edge-config", type=Path, help="edge YAML (default: built-in defaults)")
+    ev.add_argument("--cloud-config", type=Path, help="cloud YAML (default: built-in defaults)")
+    ev.add_argument(
+        "--estimators",
+        help="comma-separated estimator names (default: single-pass ones + combiner if fitted)",
+    )
+    ev.add_argument("--max-new-tokens", type=int, default=48, help="per answer (default 48)")
+    ev.add_argument(
+        "--cache-dir", type=Path, help="model-output cache (default ~/.cache/tidegate/eval)"
+    )
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    fit = sub.add_parser(
+        "fit-combiner",
+        help="fit the combiner estimator's weights on an evaluation's items",
+        description="Fit logistic regression over the single-pass features of "
+        "ITEMS.jsonl (from `tidegate eval`) and write the weights for that edge model.",
+    )
+    fit.add_argument("--items", required=True, type=Path, help="items.jsonl from tidegate eval")
+    fit.add_argument("--split", default="calib", help="fit on this split only (default calib)")
+    fit.add_argument(
+        "--out", type=Path, help="weights file (default edge_node/calibration/<model>.json)"
+    )
+    fit.add_argument("--l2", type=float, default=1.0, help="L2 penalty (default 1.0)")
+
+    add_calibrate_parser(sub)
+
+
+def _limit(value: int | None) -> int | None:
+    if value is not None and value < 1:
+        raise SystemExit("error: --limit must be at least 1")
+    return value
+
+
+async def _eval(args: argparse.Namespace) -> int:
+    from cloud_node.settings import CloudSettings
+    from edge_node.settings import EdgeSettings
+    from tidegate.config import load_config
+    from tidegate.evaluation.report import summary_table
+    from tidegate.evaluation.runner import EvalOptions, evaluate
+
+    options = EvalOptions(
+        data=args.data,
+        out=args.out,
+        split=args.split,
+        limit=_limit(args.limit),
+        edge_only=args.edge_only,
+        cloud_only=args.cloud_only,
+        estimators=tuple(n.strip() for n in args.estimators.split(",") if n.strip())
+        if args.estimators
+        else None,
+        max_new_tokens=args.max_new_tokens,
+        cache_dir=args.cache_dir,
+        edge=load_config(EdgeSettings, args.edge_config, env_prefix="TIDEGATE_EDGE"),
+        cloud=load_config(CloudSettings, args.cloud_config, env_prefix="TIDEGATE_CLOUD"),
+        progress=not args.no_progress,
+    )
+    metrics = await evaluate(options)
+    print(summary_table(metrics))
+    print(
+        f"wrote {args.out}/items.jsonl, metrics.json"
+        + (", curve.png" if metrics["routing"] else "")
+    )
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from edge_node.combiner import calibration_path, fit_combiner
+    from tidegate.evaluation.metrics import auroc, ece
+    from tidegate.evaluation.runner import read_items
+
+    records = [
+        r for r in read_items(args.items) if r.get("features") and r["edge_correct"] is not None
+    ]
+    if args.split:
+        records = [r for r in records if r.get("split") == args.split]
+    if not records:
+        print(f"error: no edge items with split {args.split!r} in {args.items}", file=sys.stderr)
+        return 2
+    metrics_path = args.items.parent / "metrics.json"
+    model = (
+        json.loads(metrics_path.read_text())["run"]["edge_model"] if metrics_path.exists() else None
+    )
+    if not model:
+        print(f"error: {metrics_path} does not name the edge model", file=sys.stderr)
+        return 2
+    import time
+
+    provenance = {
+        "items": str(args.items),
+        "split": args.split,
+        "n": len(records),
+        "right": sum(1 for r in records if r["edge_correct"]),
+        "l2": args.l2,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "command": "tidegate fit-combiner " + " ".join(sys.argv[2:]),
+    }
+    weights = fit_combiner(
+        [r["features"] for r in records],
+        [bool(r["edge_correct"]) for r in records],
+        model,
+        provenance,
+        l2=args.l2,
+    )
+    scores = [weights.probability(r["features"]) for r in records]
+    labels = [bool(r["edge_correct"]) for r in records]
+    out = args.out or calibration_path(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(weights.to_json(), indent=2) + "\n")
+    print(
+        f"fitted on {len(records)} items ({provenance['right']} right): in-sample AUROC "
+        f"{auroc(scores, labels):.3f}, ECE {ece(scores, labels):.3f}; wrote {out}"
+    )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "eval":
+        return asyncio.run(_eval(args))
+    if args.command == "fit-combiner":
+        return _fit(args)
+    if args.command == "calibrate":
+        from tidegate.evaluation.calibrate_command import run_calibrate
+
+        return run_calibrate(args)
+    raise AssertionError(args.command)
+
+
+def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cal = sub.add_parser(
+        "calibrate",
+        help="pick the routing threshold from an evaluation and write it into a policy",
+        description="Pick policy.min_confidence (and each rule's own min_confidence) for a "
+        "target escalation rate or accuracy, from items.jsonl of `tidegate eval` (or a data "
+        "file, which is evaluated first), and write it into the router YAML, keeping the "
+        "rest of the file as it was.",
+    )
+    cal.add_argument(
+        "--data", required=True, type=Path, help="items.jsonl from tidegate eval, or a data file"
+    )
+    goal = cal.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-escalation", type=float, help="escalate at most this fraction")
+    goal.add_argument(
+        "--target-accuracy", help="reach this accuracy: 0.6, or relative to the cloud: 0.95xcloud"
+    )
+    cal.add_argument("--policy", required=True, type=Path, help="router/policy YAML to update")
+    cal.add_argument("--estimator", help="default: the policy's policy.estimator, else combiner")
+    cal.add_argument("--split", default="calib", help="calibrate on this split (default calib)")
+    cal.add_argument("--dry-run", action="store_true", help="report, don't write the policy")
+    cal.add_argument("--out", type=Path, help="with a data file: where its evaluation goes")
+    cal.add_argument("--edge-config", type=Path, help="with a data file: edge YAML")
+    cal.add_argument("--cloud-config", type=Path, help="with a data file: cloud YAML")

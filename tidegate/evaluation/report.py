@@ -1,0 +1,152 @@
+"""From per-item records to metrics.json and the summary table ``tidegate eval`` prints."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tidegate.evaluation.metrics import (
+    accuracy_at_escalation,
+    auroc,
+    ece,
+    escalation_for_accuracy,
+    oracle_point,
+    prr,
+    routing_curve,
+)
+
+# The issue's targets: routed accuracy ≥ 95% of cloud-only accuracy, escalating ≤ 25%.
+TARGET_FRACTION_OF_CLOUD = 0.95
+ESCALATION_BUDGET = 0.25
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def _mean(values: Sequence[bool]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def build_metrics(
+    records: Sequence[Mapping[str, Any]], identity: Mapping[str, Any]
+) -> dict[str, Any]:
+    """metrics.json: per estimator AUROC/PRR/ECE, accuracies, the routing curves."""
+    edge = [r for r in records if r.get("edge_correct") is not None]
+    both = [r for r in edge if r.get("cloud_correct") is not None]
+    cloud = [r for r in records if r.get("cloud_correct") is not None]
+    names = sorted({name for r in edge for name in r["confidence"]}, key=lambda n: n)
+    costs = identity.get("estimators", {})
+    metrics: dict[str, Any] = {
+        "run": dict(identity),
+        "items": len(records),
+        "edge_accuracy": _mean([r["edge_correct"] for r in edge]),
+        "cloud_accuracy": _mean([r["cloud_correct"] for r in cloud]),
+        "estimators": {},
+        "routing": {},
+    }
+    edge_ok = [bool(r["edge_correct"]) for r in both]
+    cloud_ok = [bool(r["cloud_correct"]) for r in both]
+    target = None
+    if both:
+        oracle = oracle_point(edge_ok, cloud_ok)
+        metrics["oracle"] = {"escalated": oracle.escalated, "accuracy": oracle.accuracy}
+        target = TARGET_FRACTION_OF_CLOUD * sum(cloud_ok) / len(cloud_ok)
+        metrics["targets"] = {
+            "accuracy": target,
+            "fraction_of_cloud": TARGET_FRACTION_OF_CLOUD,
+            "escalation_budget": ESCALATION_BUDGET,
+        }
+    for name in names:
+        scored = [r for r in edge if name in r["confidence"]]
+        scores = [float(r["confidence"][name]) for r in scored]
+        right = [bool(r["edge_correct"]) for r in scored]
+        entry: dict[str, Any] = {
+            "items": len(scored),
+            "extra_cost": costs.get(name),
+            "auroc": auroc(scores, right),
+            "prr": prr(scores, right),
+            "ece": ece(scores, right),
+        }
+        paired = [r for r in both if name in r["confidence"]]
+        if paired and len(paired) == len(both) and target is not None:
+            curve = routing_curve([float(r["confidence"][name]) for r in paired], edge_ok, cloud_ok)
+            metrics["routing"][name] = [
+                {**p.to_dict(), "threshold": _finite(p.threshold)} for p in curve
+            ]
+            reach = escalation_for_accuracy(curve, target)
+            budget = accuracy_at_escalation(curve, ESCALATION_BUDGET)
+            entry["to_reach_target"] = (
+                {**reach.to_dict(), "threshold": _finite(reach.threshold)} if reach else None
+            )
+            entry["at_escalation_budget"] = (
+                {**budget.to_dict(), "threshold": _finite(budget.threshold)} if budget else None
+            )
+        metrics["estimators"][name] = entry
+    metrics["by_category"] = _by_category(records)
+    return metrics
+
+
+def _by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[r.get("category") or "-"].append(r)
+    return {
+        category: {
+            "items": len(rs),
+            "edge_accuracy": _mean(
+                [r["edge_correct"] for r in rs if r["edge_correct"] is not None]
+            ),
+            "cloud_accuracy": _mean(
+                [r["cloud_correct"] for r in rs if r["cloud_correct"] is not None]
+            ),
+        }
+        for category, rs in sorted(groups.items())
+    }
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def summary_table(metrics: Mapping[str, Any]) -> str:
+    """A plain-text table: one row per estimator, then the accuracies."""
+    run = metrics["run"]
+    lines = [
+        f"edge {run.get('edge_model') or '-'} · cloud {run.get('cloud_model') or '-'} · "
+        f"{metrics['items']} items" + (f" (split {run['split']})" if run.get("split") else ""),
+    ]
+    header = (
+        f"{'estimator':14} {'AUROC':>6} {'PRR':>6} {'ECE':>6}  "
+        f"{'esc. for target':>15}  {'acc. at 25%':>11}  extra cost"
+    )
+    lines += [header, "-" * len(header)]
+    for name, e in metrics["estimators"].items():
+        reach = e.get("to_reach_target")
+        budget = e.get("at_escalation_budget")
+        lines.append(
+            f"{name:14} {_fmt(e['auroc']):>6} {_fmt(e['prr']):>6} {_fmt(e['ece']):>6}  "
+            f"{_fmt(reach['escalated'] if reach else None, pct=True):>15}  "
+            f"{_fmt(budget['accuracy'] if budget else None, pct=True):>11}  "
+            f"{e.get('extra_cost') or '-'}"
+        )
+    lines.append(
+        f"edge-only accuracy {_fmt(metrics['edge_accuracy'], pct=True)} · "
+        f"cloud-only {_fmt(metrics['cloud_accuracy'], pct=True)}"
+        + (
+            f" · oracle {_fmt(metrics['oracle']['accuracy'], pct=True)} escalating "
+            f"{_fmt(metrics['oracle']['escalated'], pct=True)}"
+            if "oracle" in metrics
+            else ""
+        )
+    )
+    if "targets" in metrics:
+        lines.append(
+            f"target: accuracy ≥ {_fmt(metrics['targets']['accuracy'], pct=True)} "
+            f"(95% of cloud-only) escalating ≤ 25%"
+        )
+    return "\n".join(lines)
