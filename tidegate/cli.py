@@ -64,8 +64,11 @@ async def _serve(role: str, config: str | None, args: argparse.Namespace | None 
         from router.service import serve_router
         from router.settings import RouterSettings
 
-        settings = load_config(RouterSettings, config, env_prefix="TIDEGATE_ROUTER")
-        running.append(await serve_router(settings))
+        router_settings = load_config(RouterSettings, config, env_prefix="TIDEGATE_ROUTER")
+        router = await serve_router(router_settings, config)
+        running.append(router)
+        if router.reloader is not None and router.reloader.install_sighup():
+            print(f"SIGHUP reloads {config}", flush=True)
     print(f"tidegate {role} serving on {running[0].address}", flush=True)
     if getattr(running[0], "http_url", None):  # the router's OpenAI-compatible endpoint
         print(f"OpenAI-compatible API on {running[0].http_url}/v1", flush=True)
@@ -114,6 +117,7 @@ async def start_local_stack(config_dir: str | None = None, log=print):  # type: 
     from router.service import serve_router
     from router.settings import RouterSettings
     from tidegate.config import load_config
+    from tidegate.server import RunningServer
 
     def path(name: str) -> Path | None:
         if config_dir is None:
@@ -124,7 +128,7 @@ async def start_local_stack(config_dir: str | None = None, log=print):  # type: 
     cloud_settings = load_config(CloudSettings, path("cloud.yaml"), env_prefix="TIDEGATE_CLOUD")
     edge_settings = load_config(EdgeSettings, path("edge.yaml"), env_prefix="TIDEGATE_EDGE")
     router_settings = load_config(RouterSettings, path("router.yaml"), env_prefix="TIDEGATE_ROUTER")
-    servers = []
+    servers: list[RunningServer] = []
     try:
         log(f"loading cloud model {cloud_settings.model.source} …")
         servers.append(await serve_cloud(cloud_settings))
@@ -133,7 +137,10 @@ async def start_local_stack(config_dir: str | None = None, log=print):  # type: 
         log(f"loading edge model {edge_model.source} ({edge_model.quantization}) …")
         servers.append(await serve_edge(edge_settings))
         log(f"edge node ready on {servers[-1].address}")
-        servers.append(await serve_router(router_settings))
+        router = await serve_router(router_settings, path("router.yaml"))
+        servers.append(router)
+        if router.reloader is not None:
+            router.reloader.install_sighup()
     except BaseException:
         for server in reversed(servers):
             await server.stop(0)
@@ -193,7 +200,9 @@ async def _ask(args: argparse.Namespace) -> int:
     from tidegate.client import RouterClient, response_to_dict
 
     request = _ask_request(args)
-    async with RouterClient(args.router, timeout_s=args.timeout) as client:
+    async with RouterClient(
+        args.router, timeout_s=args.timeout, api_key=args.api_key, tls=_client_tls(args)
+    ) as client:
         if args.stream:
             final = None
             async for event in client.stream(request):
@@ -245,12 +254,49 @@ async def _health(address: str, timeout: float) -> int:
     return 0
 
 
-async def _status(address: str, as_json: bool) -> int:
+def _client_tls(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """--ca/--cert/--key/--server-name as a ClientTls; None: plaintext."""
+    if not (args.ca or args.cert or args.key or args.server_name):
+        return None
+    from pydantic import ValidationError
+
+    from tidegate.config import describe_validation_error
+    from tidegate.tls import ClientTls
+
+    try:
+        return ClientTls(
+            ca_file=args.ca, cert_file=args.cert, key_file=args.key, server_name=args.server_name
+        )
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, "--ca/--cert/--key")) from exc
+
+
+def _hash_key(key: str | None, new: bool) -> int:
+    from router.auth import hash_key, new_key
+
+    if new:
+        key = new_key()
+        print(f"key:  {key}")
+        print(f"hash: {hash_key(key)}")
+        print("give the key to the client; put the hash under tenants[].api_key_hashes")
+        return 0
+    if key is None:
+        key = sys.stdin.readline().strip()
+    if not key:
+        print("error: no key given (argument, or one line on stdin)", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+async def _status(address: str, as_json: bool, args: argparse.Namespace | None = None) -> int:
     from google.protobuf.json_format import MessageToDict
 
     from tidegate.client import RouterClient
 
-    async with RouterClient(address, timeout_s=10) as client:
+    api_key = args.api_key if args is not None else None
+    tls = _client_tls(args) if args is not None else None
+    async with RouterClient(address, timeout_s=10, api_key=api_key, tls=tls) as client:
         status = await client.status()
     data = MessageToDict(status, preserving_proto_field_name=True)
     if as_json:
@@ -346,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--json", action="store_true", help="print one JSON object")
     ask.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    _add_client_auth(ask)
 
     health = sub.add_parser("health", help="exit 0 when HOST:PORT reports SERVING")
     health.add_argument("address")
@@ -354,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the router's view of nodes and cache")
     status.add_argument("--router", default=DEFAULT_ROUTER)
     status.add_argument("--json", action="store_true")
+    _add_client_auth(status)
+
+    hash_key = sub.add_parser(
+        "hash-key", help="print the sha256 hash of an API key for tenants[].api_key_hashes"
+    )
+    hash_key.add_argument("key", nargs="?", help="the key (default: one line from stdin)")
+    hash_key.add_argument("--new", action="store_true", help="generate a new random key too")
 
     sub.add_parser("models", help="list bundled models and whether they are installed")
 
@@ -361,6 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation_commands.add_parsers(sub)
     return parser
+
+
+def _add_client_auth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TIDEGATE_API_KEY") or None,
+        help="API key for a router with tenants (default: $TIDEGATE_API_KEY)",
+    )
+    parser.add_argument("--ca", help="TLS: PEM CA bundle the router's certificate chains to")
+    parser.add_argument("--cert", help="mutual TLS: PEM client certificate")
+    parser.add_argument("--key", help="mutual TLS: PEM client key")
+    parser.add_argument("--server-name", help="TLS: name to check the router's certificate for")
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -380,7 +446,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         elif args.command == "health":
             return asyncio.run(_health(args.address, args.timeout))
         elif args.command == "status":
-            return asyncio.run(_status(args.router, args.json))
+            return asyncio.run(_status(args.router, args.json, args))
+        elif args.command == "hash-key":
+            return _hash_key(args.key, args.new)
         elif args.command == "models":
             return _models()
         elif args.command in ("eval", "fit-combiner", "calibrate"):

@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from tidegate.chat import ChatMessage, SamplingParams
+from tidegate.tls import ClientTls, open_channel
 from tidegate.v1 import router_pb2, router_pb2_grpc
 
 TIER_NAMES = {
@@ -82,25 +81,40 @@ def response_to_dict(response: router_pb2.GenerateResponse) -> dict[str, Any]:
 
 @dataclass
 class RouterClient:
+    """``api_key``: sent as ``authorization: Bearer <key>`` on every call (for
+    routers with tenants); ``tls``: connect over TLS (mutual TLS with a client
+    certificate), plaintext when None."""
+
     address: str
     timeout_s: float = 300.0
+    api_key: str | None = None
+    tls: ClientTls | None = None
 
     async def __aenter__(self) -> RouterClient:
-        self._channel = grpc.aio.insecure_channel(self.address)
+        self._channel = open_channel(self.address, self.tls)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
+        self._metadata = auth_metadata(self.api_key)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._channel.close()
 
     async def generate(self, request: router_pb2.GenerateRequest) -> router_pb2.GenerateResponse:
-        return await self._stub.Generate(request, timeout=self.timeout_s)
+        return await self._stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata)
 
     async def stream(
         self, request: router_pb2.GenerateRequest
     ) -> AsyncIterator[router_pb2.GenerateEvent]:
-        async for event in self._stub.GenerateStream(request, timeout=self.timeout_s):
+        call = self._stub.GenerateStream(request, timeout=self.timeout_s, metadata=self._metadata)
+        async for event in call:
             yield event
 
     async def status(self) -> router_pb2.StatusResponse:
-        return await self._stub.Status(router_pb2.StatusRequest(), timeout=self.timeout_s)
+        return await self._stub.Status(
+            router_pb2.StatusRequest(), timeout=self.timeout_s, metadata=self._metadata
+        )
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata carrying an API key (empty without one)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
