@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Literal
 
 from tidegate.chat import ChatMessage, FinishReason, SamplingParams
 from tidegate.v1 import router_pb2
@@ -63,6 +64,10 @@ class RouteRequest:
     min_confidence: float | None = None  # None: the policy's threshold
     request_id: str = ""  # empty: the router generates one
     cache_control: CacheControl = CacheControl.DEFAULT
+    # A tier the client forces (the OpenAI endpoint's model profiles): "edge"
+    # never escalates, "cloud" skips the edge, as a forcing rule would
+    # (router.rules.requested_route); a privacy pin still wins.
+    route: Literal["auto", "edge", "cloud"] = "auto"
 
 
 @dataclass(frozen=True)

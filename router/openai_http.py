@@ -8,7 +8,8 @@
 Every request goes through the same ``Pipeline`` as the gRPC service (cache,
 edge, estimator, escalation and whatever else the pipeline enforces); this
 module only translates. The API key arrives as ``Authorization: Bearer KEY``
-and is turned into a tenant by the same authenticator the gRPC side uses.
+and is turned into a tenant by the same authenticator the gRPC side uses
+(``pipeline.auth``).
 
 The server runs on the router's event loop beside grpc.aio: ``serve_http``
 binds the socket itself (so port 0 works and a busy port is a ConfigError
@@ -27,7 +28,7 @@ import re
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,23 +53,6 @@ log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 TIMEOUT_HEADER = "x-tidegate-timeout"  # seconds; shortens http.request_timeout_s
 
-# (bearer token or None, the tenant the body names) → the tenant, or raises
-# Unauthenticated / PermissionDenied: router.auth.Authenticator's contract.
-Authenticate = Callable[[str | None, str], str]
-
-
-def no_auth(token: str | None, requested_tenant: str) -> str:
-    """No keys configured: the tenant is whatever the request names."""
-    return requested_tenant
-
-
-def _bearer(request: Request) -> str | None:
-    value = request.headers.get("authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
-
 
 def _json_response(
     body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
@@ -91,11 +75,8 @@ def _frame(payload: dict[str, Any] | str) -> str:
 class OpenAIHttp:
     """The ASGI app's handlers, bound to one pipeline."""
 
-    def __init__(
-        self, pipeline: Pipeline, settings: HttpSettings, authenticate: Authenticate = no_auth
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, settings: HttpSettings) -> None:
         self.pipeline = pipeline
-        self.authenticate = authenticate
         self.request_timeout_s = settings.request_timeout_s
         self.max_body_bytes = settings.max_body_bytes
         self.created = int(time.time())
@@ -121,7 +102,7 @@ class OpenAIHttp:
 
     async def list_models(self, request: Request) -> Response:
         try:
-            self.authenticate(_bearer(request), "")
+            self._tenant(request)
         except TidegateError as exc:
             return self._error(exc)
         return _json_response(
@@ -130,7 +111,7 @@ class OpenAIHttp:
 
     async def get_model(self, request: Request) -> Response:
         try:
-            self.authenticate(_bearer(request), "")
+            self._tenant(request)
         except TidegateError as exc:
             return self._error(exc)
         profile = schema.PROFILES.get(request.path_params["model"])
@@ -144,11 +125,10 @@ class OpenAIHttp:
         ids = {"x-request-id": request_id, "x-tidegate-request-id": request_id}
         deadline: float | None = None
         try:
-            token = _bearer(request)
-            tenant = self.authenticate(token, "")  # a bad key is 401 whatever the body
+            tenant = self._tenant(request)  # a bad key is 401 whatever the body
             parsed = schema.parse_request(await self._body(request))
             if parsed.tidegate.tenant:
-                tenant = self.authenticate(token, parsed.tidegate.tenant)
+                tenant = self._tenant(request, parsed.tidegate.tenant)
             if parsed.model not in schema.PROFILES:
                 return self._send(schema.model_not_found(parsed.model), ids)
             route = schema.to_route_request(parsed, tenant, request_id)
@@ -228,6 +208,15 @@ class OpenAIHttp:
 
     # -- helpers -------------------------------------------------------------
 
+    def _tenant(self, request: Request, requested: str = "") -> str:
+        """The caller's tenant, by the same authenticator as gRPC (``router.auth``,
+        read per request: a config reload replaces it): from the API key in
+        ``Authorization: Bearer KEY`` when tenants are configured, else the
+        tenant the body names. Raises Unauthenticated or PermissionDenied."""
+        header = request.headers.get("authorization")
+        metadata = [("authorization", header)] if header is not None else []
+        return self.pipeline.auth.authenticate_metadata(metadata, requested).name
+
     def _model(self, profile: schema.Profile) -> dict[str, Any]:
         return {
             "id": profile.name,
@@ -270,11 +259,14 @@ class OpenAIHttp:
         except (ValueError, UnicodeDecodeError) as exc:
             raise schema.BadRequest(f"the request body is not valid JSON: {exc}") from exc
 
-    @staticmethod
-    def _past_deadline(exc: BaseException, deadline: float | None) -> BaseException:
+    def _past_deadline(self, exc: BaseException, deadline: float | None) -> BaseException:
         """Whatever failed once the deadline has passed failed because of it
-        (a node cut off by its timeout reports UNAVAILABLE): 504, as gRPC would."""
-        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+        (a node cut off by its timeout reports UNAVAILABLE): 504, as gRPC would.
+        The pipeline's node calls end ``policy.deadline_margin_s`` early."""
+        if deadline is None:
+            return exc
+        margin = self.pipeline.policy.deadline_margin_s
+        if asyncio.get_running_loop().time() >= deadline - margin:
             if not isinstance(exc, DeadlineExceeded):
                 return DeadlineExceeded(
                     "the request's deadline passed before an answer was ready "
@@ -298,10 +290,7 @@ class OpenAIHttp:
 
     @staticmethod
     def _send(error: schema.HttpError, headers: dict[str, str] | None = None) -> Response:
-        extra = dict(headers or {})
-        if error.status == 429:
-            extra["x-should-retry"] = "false"  # a spent budget does not refill in seconds
-        return _json_response(error.body, error.status, extra)
+        return _json_response(error.body, error.status, {**(headers or {}), **error.headers})
 
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -363,12 +352,10 @@ def _bind(listen: str) -> socket.socket:
         ) from exc
 
 
-async def serve_http(
-    pipeline: Pipeline, settings: HttpSettings, authenticate: Authenticate = no_auth
-) -> HttpServer:
+async def serve_http(pipeline: Pipeline, settings: HttpSettings) -> HttpServer:
     """Serve the endpoint on ``settings.listen`` (port 0: any free port) on this loop."""
     listen = settings.listen
-    handlers = OpenAIHttp(pipeline, settings, authenticate)
+    handlers = OpenAIHttp(pipeline, settings)
     sock = _bind(listen)
     config = uvicorn.Config(
         handlers.app(),

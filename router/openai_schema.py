@@ -16,12 +16,15 @@ field of the body.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from router.budgets import BudgetExceeded
 from router.domain import CacheControl, Restart, RouteRequest, RouteResult, Timings
 from tidegate.chat import ChatMessage, FinishReason, SamplingParams
 from tidegate.errors import InvalidArgument, TidegateError
@@ -198,7 +201,8 @@ def _text(message: Message, index: int) -> str:
 
 
 def to_route_request(parsed: ChatCompletionRequest, tenant: str, request_id: str) -> RouteRequest:
-    """The RouteRequest the pipeline validates and routes, as gRPC would send it."""
+    """The RouteRequest the pipeline validates and routes, as gRPC would send it;
+    ``parsed.model`` must be one of PROFILES (its route forces a tier)."""
     messages = tuple(
         ChatMessage(ROLE_ALIASES.get(m.role, m.role), _text(m, i))
         for i, m in enumerate(parsed.messages)
@@ -225,6 +229,7 @@ def to_route_request(parsed: ChatCompletionRequest, tenant: str, request_id: str
         min_confidence=parsed.tidegate.min_confidence,
         request_id=request_id,
         cache_control=CacheControl[parsed.tidegate.cache_control.upper()],
+        route=PROFILES[parsed.model].route,
     )
 
 
@@ -361,7 +366,7 @@ HTTP_FOR_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", None),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "insufficient_quota", "insufficient_quota"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "requests", "resource_exhausted"),
     grpc.StatusCode.UNAVAILABLE: (503, "server_error", "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
 }
@@ -371,6 +376,7 @@ HTTP_FOR_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 class HttpError:
     status: int
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def error_body(
@@ -381,9 +387,20 @@ def error_body(
 
 def http_error(exc: TidegateError) -> HttpError:
     status, type_, code = HTTP_FOR_STATUS.get(exc.code, (500, "server_error", None))
-    code = getattr(exc, "openai_code", None) or code
-    param = getattr(exc, "param", None)
-    return HttpError(status, error_body(str(exc), type_, code, param))
+    headers: dict[str, str] = {}
+    if isinstance(exc, BudgetExceeded):
+        # OpenAI's rate-limit shape: clients back off by Retry-After; a window
+        # longer than a minute (the daily budget) is not worth retrying.
+        window = exc.window
+        type_, code = ("requests" if window.unit == "requests" else "tokens"), "rate_limit_exceeded"
+        # Windows are calendar-aligned on the router's clock (router.budgets).
+        headers["retry-after"] = str(
+            max(1, math.ceil(window.seconds - time.time() % window.seconds))
+        )
+        if window.seconds > 60:
+            headers["x-should-retry"] = "false"
+    param = exc.param if isinstance(exc, BadRequest) else None
+    return HttpError(status, error_body(str(exc), type_, code, param), headers)
 
 
 def model_not_found(model: str) -> HttpError:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from router.cache_key import cache_key
 from router.domain import RouteRequest
 from router.policy import RequestFacts, effective_threshold, estimate_prompt_tokens
-from router.rules import NO_RULE, RuleMatch, match_rule
+from router.rules import NO_RULE, RuleMatch, match_rule, requested_route
 from router.settings import RouterSettings
 from tidegate.chat import GenerationRequest, SamplingParams
 
@@ -56,7 +56,9 @@ def make_plan(request: RouteRequest, settings: RouterSettings) -> Plan:
     """Validate (raises InvalidArgument with a precise message) and derive."""
     policy = settings.policy
     GenerationRequest(request.messages, request.sampling).validate(policy.max_new_tokens_limit)
-    rule = match_rule(settings.rules, request.tenant, request.tags, request.messages)
+    rule = requested_route(
+        match_rule(settings.rules, request.tenant, request.tags, request.messages), request.route
+    )
     requested = request.min_confidence  # the request's own threshold wins over the rule's
     threshold = effective_threshold(
         requested if requested is not None else rule.min_confidence, policy

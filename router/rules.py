@@ -37,6 +37,7 @@ class RuleMatch:
     min_confidence: float | None = None
     deadline_s: float | None = None
     pii: str = ""  # what the detector found, by kind and count, when that mattered
+    requested: bool = False  # the client forced this route (RouteRequest.route), no rule
 
     @property
     def pinned(self) -> bool:
@@ -53,6 +54,8 @@ class RuleMatch:
         """For escalation reasons and errors: which rule, and what it saw."""
         if not self.name:
             return ""
+        if self.requested:
+            return f"the requested route {self.route!r}"
         found = f" ({self.pii} found)" if self.pii else ""
         return f"rule {self.name!r}{found}"
 
@@ -83,3 +86,18 @@ def match_rule(
             found = describe(findings)
         return RuleMatch(rule.name, rule.route, rule.min_confidence, rule.deadline_s, found)
     return NO_RULE
+
+
+def requested_route(rule: RuleMatch, route: Literal["auto", "edge", "cloud"]) -> RuleMatch:
+    """The tier a client forces (``RouteRequest.route``: ``edge`` or ``cloud``)
+    in place of the matched rule's route, keeping the rule's threshold and
+    deadline. A privacy pin wins: no client can send pinned text to the cloud."""
+    if route == "auto" or rule.pinned:
+        return rule
+    return RuleMatch(
+        name=f"requested:{route}",
+        route=route,
+        min_confidence=rule.min_confidence,
+        deadline_s=rule.deadline_s,
+        requested=True,
+    )

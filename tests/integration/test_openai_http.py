@@ -443,3 +443,170 @@ async def test_router_serve_prints_the_openai_url_and_serves_it(tmp_path, stack)
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), timeout=30)
     assert code == 0
+
+
+# -- routing profiles --------------------------------------------------------------
+
+
+async def test_tidegate_cloud_skips_the_edge(duo):
+    base, edge, cloud = duo
+    response = await post(base, ask(model="tidegate-cloud", **KEEP_EDGE))
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tidegate-tier"] == "cloud"
+    provenance = response.json()["tidegate"]
+    assert provenance["escalation_code"] == "rule"
+    assert "the requested route 'cloud'" in provenance["escalation_reason"]
+    assert response.json()["model"] == "tidegate-cloud"
+    assert (edge.calls, cloud.calls) == (0, 1)
+
+
+async def test_tidegate_edge_never_escalates(duo):
+    base, edge, cloud = duo
+    for stream in (False, True):
+        response = await post(base, ask(model="tidegate-edge", stream=stream, **ESCALATE))
+        assert response.status_code == 200, response.text
+        if stream:
+            final = json.loads(sse_events(response.text)[-2])["tidegate"]
+        else:
+            final = response.json()["tidegate"]
+            assert response.headers["x-tidegate-tier"] == "edge"
+        assert final["tier"] == "edge" and final["escalation_code"] == "none"
+        assert "kept by the requested route 'edge'" in final["escalation_reason"]
+    assert (edge.calls, cloud.calls) == (2, 0)
+
+
+async def test_tidegate_edge_with_the_edge_down_is_503(stack):
+    cloud = CountingBackend(cloud_backend())
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router([closed_port_address()], [cloud_server.address])
+    response = await post(stack.server.http_url, ask(model="tidegate-edge"))
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "service_unavailable"
+    assert "the requested route 'edge' keeps the request on the edge" in error["message"]
+    assert cloud.calls == 0
+    routed = await post(stack.server.http_url, ask())  # the routed profile falls back
+    assert routed.status_code == 200 and routed.headers["x-tidegate-tier"] == "cloud"
+
+
+async def test_a_privacy_pin_outranks_tidegate_cloud(stack):
+    edge = CountingBackend(tiny_backend(seed=0))
+    cloud = CountingBackend(cloud_backend())
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router(
+        [edge_server.address],
+        [cloud_server.address],
+        rules=[{"name": "private", "tags": ["private"], "route": "edge_only"}],
+    )
+    pinned = {"tidegate": {"tags": ["private"]}}
+    response = await post(stack.server.http_url, ask(model="tidegate-cloud", **pinned))
+    assert response.status_code == 200, response.text
+    assert response.headers["x-tidegate-tier"] == "edge"
+    assert "pinned" in response.json()["tidegate"]["flags"]
+    assert (edge.calls, cloud.calls) == (1, 0)
+
+
+# -- API keys and budgets (router.auth, router.budgets: the same as gRPC) ----------------
+
+ACME_KEY, GLOBEX_KEY = "tg_acme-" + uuid.uuid4().hex, "tg_globex-" + uuid.uuid4().hex
+
+
+@pytest.fixture
+async def guarded(stack):
+    """Two tenants with keys: acme may spend 10 cloud tokens a minute (less than
+    one escalation), globex 1 request a second. Returns (base URL, edge, cloud)."""
+    from router.auth import hash_key
+
+    edge = CountingBackend(tiny_backend(seed=0))
+    cloud = CountingBackend(cloud_backend())
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router(
+        [edge_server.address],
+        [cloud_server.address],
+        tenants=[
+            {"name": "acme", "api_key_hashes": [hash_key(ACME_KEY)]},
+            {"name": "globex", "api_key_hashes": [hash_key(GLOBEX_KEY)]},
+        ],
+        budgets={
+            "tenants": [
+                {"tenant": "acme", "cloud_tokens_per_minute": 10},
+                {"tenant": "globex", "requests_per_second": 1},
+            ]
+        },
+    )
+    return stack.server.http_url, edge, cloud
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+async def test_a_missing_or_wrong_key_is_401(guarded):
+    base, edge, cloud = guarded
+    for headers in ({}, bearer("tg_wrong"), {"authorization": "Basic abc"}):
+        response = await post(base, ask(**KEEP_EDGE), headers=headers)
+        assert response.status_code == 401, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    # A bad key is refused before the body is even read.
+    assert (await post(base, b"{not json", headers=bearer("tg_wrong"))).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        await client(base).chat.completions.create(model="tidegate", messages=ask()["messages"])
+    async with httpx.AsyncClient(base_url=base) as http:
+        assert (await http.get("/v1/models")).status_code == 401
+        assert (await http.get("/v1/models", headers=bearer(ACME_KEY))).status_code == 200
+        assert (await http.get("/health")).status_code == 200  # load balancers carry no key
+    ok = await post(base, ask(**KEEP_EDGE), headers=bearer(ACME_KEY))
+    assert ok.status_code == 200 and ok.headers["x-tidegate-tier"] == "edge"
+    assert (edge.calls, cloud.calls) == (1, 0)
+
+
+async def test_the_key_decides_the_tenant(guarded):
+    base, _, _ = guarded
+    api = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=ACME_KEY, max_retries=0)
+    own = await api.chat.completions.with_raw_response.create(
+        model="tidegate",
+        messages=ask()["messages"],
+        extra_body={"tidegate": {"min_confidence": 0.0, "tenant": "acme"}},
+    )
+    assert own.headers["x-tidegate-tier"] == "edge"
+    with pytest.raises(openai.PermissionDeniedError, match="belongs to tenant 'acme'"):
+        await api.chat.completions.create(
+            model="tidegate",
+            messages=ask()["messages"],
+            extra_body={"tidegate": {"tenant": "globex"}},
+        )
+
+
+async def test_over_the_token_budget_is_429(guarded):
+    base, edge, cloud = guarded
+    for stream in (False, True):
+        response = await post(base, ask(stream=stream, **ESCALATE), headers=bearer(ACME_KEY))
+        assert response.status_code == 429, response.text
+        error = response.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and error["type"] == "tokens"
+        assert "tenant 'acme' is over its cloud_tokens_per_minute budget" in error["message"]
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert cloud.calls == 0  # refused before the cloud was asked
+    api = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=ACME_KEY, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        await api.chat.completions.create(
+            model="tidegate-cloud", messages=ask()["messages"], extra_body=ESCALATE
+        )
+    kept = await post(base, ask(**KEEP_EDGE), headers=bearer(ACME_KEY))  # the edge costs nothing
+    assert kept.status_code == 200 and kept.headers["x-tidegate-tier"] == "edge"
+
+
+async def test_over_the_request_rate_is_429(guarded):
+    base, _, _ = guarded
+    # Three at once: whichever second(s) they land in, one second holds two.
+    responses = await asyncio.gather(
+        *(post(base, ask(**KEEP_EDGE), headers=bearer(GLOBEX_KEY)) for _ in range(3))
+    )
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses[0] == 200 and statuses[-1] == 429, statuses
+    limited = next(r for r in responses if r.status_code == 429)
+    assert limited.json()["error"]["type"] == "requests"
+    assert limited.headers["retry-after"] == "1"
