@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -46,6 +47,7 @@ from router.settings import HttpSettings
 from tidegate.errors import ConfigError, DeadlineExceeded, TidegateError
 from tidegate.logs import bind_request_id
 from tidegate.server import split_address
+from tidegate.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -323,11 +325,12 @@ class HttpServer:
     task: asyncio.Task[None]
     host: str
     port: int
+    scheme: str = "http"  # "https" with the router's tls.server
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let requests in flight finish for ``grace`` seconds."""
@@ -352,8 +355,14 @@ def _bind(listen: str) -> socket.socket:
         ) from exc
 
 
-async def serve_http(pipeline: Pipeline, settings: HttpSettings) -> HttpServer:
-    """Serve the endpoint on ``settings.listen`` (port 0: any free port) on this loop."""
+async def serve_http(
+    pipeline: Pipeline, settings: HttpSettings, tls: ServerTls | None = None
+) -> HttpServer:
+    """Serve the endpoint on ``settings.listen`` (port 0: any free port) on this loop.
+
+    ``tls``: the router's ``tls.server``, so HTTP is as protected as gRPC:
+    HTTPS with the same certificate, and with ``client_ca_file`` mutual TLS.
+    """
     listen = settings.listen
     handlers = OpenAIHttp(pipeline, settings)
     sock = _bind(listen)
@@ -363,6 +372,10 @@ async def serve_http(pipeline: Pipeline, settings: HttpSettings) -> HttpServer:
         log_config=None,  # keep the process's logging as configured
         access_log=False,
         server_header=False,
+        ssl_certfile=tls.cert_file if tls else None,
+        ssl_keyfile=tls.key_file if tls else None,
+        ssl_ca_certs=tls.client_ca_file if tls else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca_file else ssl.CERT_NONE,
     )
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -373,5 +386,6 @@ async def serve_http(pipeline: Pipeline, settings: HttpSettings) -> HttpServer:
             raise RuntimeError(f"the HTTP server on {listen} stopped during startup")
         await asyncio.sleep(0.005)
     host, port = sock.getsockname()[:2]
-    log.info("OpenAI-compatible HTTP on http://%s:%d/v1", host, port)
-    return HttpServer(handlers, server, task, host, port)
+    running = HttpServer(handlers, server, task, host, port, "https" if tls else "http")
+    log.info("OpenAI-compatible API on %s/v1", running.url)
+    return running

@@ -141,7 +141,7 @@ async def _serve_http(settings: RouterSettings, servicer: RouterServicer) -> Htt
             f"http.enabled: the OpenAI-compatible endpoint needs {exc.name}: "
             "pip install 'tidegate[router]', or set http.enabled: false"
         ) from exc
-    return await serve_http(servicer.pipeline, settings.http)
+    return await serve_http(servicer.pipeline, settings.http, settings.tls.server)
 
 
 async def serve_router(

@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import sys
 import uuid
 from typing import Any
@@ -24,6 +25,8 @@ import httpx
 import openai
 import pytest
 
+from router.service import serve_router
+from router.settings import RouterSettings
 from tests.integration.test_router_e2e import (
     QUESTION,
     CountingBackend,
@@ -31,6 +34,7 @@ from tests.integration.test_router_e2e import (
     closed_port_address,
     cloud_backend,
 )
+from tests.support.certs import TestCA
 from tests.support.tiny_models import tiny_backend
 
 KEEP_EDGE = {"tidegate": {"min_confidence": 0.0}}
@@ -610,3 +614,52 @@ async def test_over_the_request_rate_is_429(guarded):
     limited = next(r for r in responses if r.status_code == 429)
     assert limited.json()["error"]["type"] == "requests"
     assert limited.headers["retry-after"] == "1"
+
+
+# -- TLS: the router's tls.server protects HTTP as it protects gRPC -----------------
+
+
+async def test_https_and_mutual_tls_with_the_routers_certificate(stack, tmp_path):
+    ca = TestCA(tmp_path)
+    server, client_cert = ca.issue("server", server=True), ca.issue("client", server=False)
+    edge_server = await stack.node("edge", tiny_backend(seed=0))
+    cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
+    tls = {"cert_file": server.cert, "key_file": server.key, "client_ca_file": ca.ca_file}
+    router = await serve_router(
+        RouterSettings.model_validate(
+            {
+                "listen": "127.0.0.1:0",
+                "http": {"listen": "127.0.0.1:0"},
+                "metrics": {"enabled": False},
+                "edge": [{"name": "edge", "address": edge_server.address}],
+                "cloud": [{"name": "cloud", "address": cloud_server.address}],
+                "policy": {"default_max_new_tokens": 16},
+                "tls": {"server": tls},
+            }
+        )
+    )
+    stack.exits.push_async_callback(router.stop, 0)
+    assert router.http_url.startswith("https://127.0.0.1:")
+
+    mutual = ssl.create_default_context(cafile=ca.ca_file)
+    mutual.load_cert_chain(client_cert.cert, client_cert.key)
+    async with httpx.AsyncClient(base_url=router.http_url, verify=mutual) as http:
+        response = await http.post("/v1/chat/completions", json=ask(**KEEP_EDGE))
+    assert response.status_code == 200 and response.headers["x-tidegate-tier"] == "edge"
+    api = openai.AsyncOpenAI(
+        base_url=f"{router.http_url}/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.AsyncClient(verify=mutual),
+    )
+    assert (await api.models.list()).data[0].id == "tidegate"
+
+    no_client_cert = ssl.create_default_context(cafile=ca.ca_file)
+    for verify in (no_client_cert, True):  # no certificate; the system roots do not know our CA
+        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+            async with httpx.AsyncClient(base_url=router.http_url, verify=verify) as http:
+                await http.get("/health")
+    plain = router.http_url.replace("https://", "http://")
+    with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError)):
+        async with httpx.AsyncClient(base_url=plain) as http:
+            await http.get("/health")
