@@ -514,12 +514,14 @@ async def test_a_privacy_pin_outranks_tidegate_cloud(stack):
 # -- API keys and budgets (router.auth, router.budgets: the same as gRPC) ----------------
 
 ACME_KEY, GLOBEX_KEY = "tg_acme-" + uuid.uuid4().hex, "tg_globex-" + uuid.uuid4().hex
+INITECH_KEY = "tg_initech-" + uuid.uuid4().hex
 
 
 @pytest.fixture
 async def guarded(stack):
-    """Two tenants with keys: acme may spend 10 cloud tokens a minute (less than
-    one escalation), globex 1 request a second. Returns (base URL, edge, cloud)."""
+    """Tenants with keys: acme may spend 10 cloud tokens a minute (less than one
+    escalation), initech 10 a day, globex 1 request a second.
+    Returns (base URL, edge, cloud)."""
     from router.auth import hash_key
 
     edge = CountingBackend(tiny_backend(seed=0))
@@ -532,11 +534,13 @@ async def guarded(stack):
         tenants=[
             {"name": "acme", "api_key_hashes": [hash_key(ACME_KEY)]},
             {"name": "globex", "api_key_hashes": [hash_key(GLOBEX_KEY)]},
+            {"name": "initech", "api_key_hashes": [hash_key(INITECH_KEY)]},
         ],
         budgets={
             "tenants": [
                 {"tenant": "acme", "cloud_tokens_per_minute": 10},
                 {"tenant": "globex", "requests_per_second": 1},
+                {"tenant": "initech", "cloud_tokens_per_day": 10},
             ]
         },
     )
@@ -593,6 +597,10 @@ async def test_over_the_token_budget_is_429(guarded):
         assert error["code"] == "rate_limit_exceeded" and error["type"] == "tokens"
         assert "tenant 'acme' is over its cloud_tokens_per_minute budget" in error["message"]
         assert 1 <= int(response.headers["retry-after"]) <= 60
+        assert "x-should-retry" not in response.headers  # the minute comes round soon
+    daily = await post(base, ask(**ESCALATE), headers=bearer(INITECH_KEY))
+    assert daily.status_code == 429 and daily.headers["x-should-retry"] == "false"
+    assert "cloud_tokens_per_day" in daily.json()["error"]["message"]
     assert cloud.calls == 0  # refused before the cloud was asked
     api = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=ACME_KEY, max_retries=0)
     with pytest.raises(openai.RateLimitError):
