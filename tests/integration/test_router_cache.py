@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from contextlib import AsyncExitStack
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from tests.integration.test_router_e2e import (  # noqa: F401 - fixtures
+from tests.integration.test_router_e2e import (
     REDIS_URL,
     CountingBackend,
     Stack,
     ask,
     cloud_backend,
-    stack,
     status_code,
 )
 from tests.integration.test_router_stream import PacedBackend, collect
@@ -29,6 +29,12 @@ from tidegate.v1 import router_pb2, router_pb2_grpc
 
 BYPASS = router_pb2.CACHE_CONTROL_BYPASS
 REFRESH = router_pb2.CACHE_CONTROL_REFRESH
+
+
+@pytest.fixture
+async def stack():
+    async with AsyncExitStack() as exits:
+        yield Stack(exits)
 
 
 def cloud_backend_as(model_id: str):  # type: ignore[no-untyped-def]
@@ -71,6 +77,7 @@ async def test_identical_streams_and_a_unary_request_share_one_model_call(stack)
     edge_server = await stack.node("edge", edge)
     cloud_server = await stack.node("cloud", cloud, estimator=None)
     await stack.router([edge_server.address], [cloud_server.address])
+
     def request() -> router_pb2.GenerateRequest:  # the same question, its own request id
         return ask(min_confidence=1.0, tenant="flight")
 

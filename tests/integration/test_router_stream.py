@@ -12,23 +12,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import grpc
 import pytest
 
-from tests.integration.test_router_e2e import (  # noqa: F401 - fixtures
+from tests.integration.test_router_e2e import (
     CountingBackend,
     Stack,
     ask,
-    cloud_backend,
     closed_port_address,
-    stack,
+    cloud_backend,
 )
 from tests.support.tiny_models import tiny_backend
 from tidegate.backend import BackendInfo, Generation, ModelBackend
 from tidegate.chat import GenerationRequest
 from tidegate.v1 import router_pb2
+
+
+@pytest.fixture
+async def stack():
+    async with AsyncExitStack() as exits:
+        yield Stack(exits)
 
 
 class PacedBackend:
@@ -159,9 +165,7 @@ async def test_stalled_edge_stream_escalates_to_the_cloud(stack):
         [cloud_server.address],
         stream={"idle_timeout_s": 0.5, "early_edge_tokens": True},
     )
-    events, final = await collect(
-        stack.stub.GenerateStream(ask(min_confidence=0.0), timeout=30)
-    )
+    events, final = await collect(stack.stub.GenerateStream(ask(min_confidence=0.0), timeout=30))
     assert final is not None and final.tier == router_pb2.TIER_CLOUD
     assert final.escalation_code == router_pb2.ESCALATION_CODE_EDGE_UNAVAILABLE
     restarts = [e for e in events if isinstance(e, router_pb2.Restart)]
