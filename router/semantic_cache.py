@@ -14,14 +14,16 @@ worded question, when all of these hold:
    * negation: the same negation markers (not, no, never, without, n't, …);
    * numbers: the same numbers, digits and number words alike
      ("17" = "seventeen"), so "17 × 23" never answers "17 × 24";
-   * named entities: the same capitalised words in the same order, so
-     "Paris to London" never answers "London to Paris";
+   * named entities: the words capitalised (after the first word) in either
+     question appear in both, in the same order ("Is Paris bigger than
+     London?" never answers "Is London bigger than Paris?");
    * direction and comparison words (before/after, more/less, from, …);
    * content words: the same content words (after dropping function words,
-     fillers such as "please", possessives and plurals) in the same order.
-     A substituted word (France/Germany, boiling/freezing, husband/wife — word
-     embeddings cannot tell synonyms from antonyms) or an inserted one
-     ("in place", "nested", "former") changes the question.
+     fillers such as "please", possessives and plurals) and direction words,
+     in the same order. A substituted word (France/Germany, boiling/freezing,
+     husband/wife — word embeddings cannot tell synonyms from antonyms), an
+     inserted one ("in place", "nested", "former"), or a swap ("celsius to
+     fahrenheit", "from Paris to London") changes the question.
 
 What remains matchable is wording around the same content: "How do I sort a
 list in Python?" = "How can I sort a list using Python?" = "how to sort a
@@ -145,8 +147,8 @@ class QuestionFeatures:
     negations: Counter[str]
     numbers: Counter[str]
     polarity: Counter[str]
-    entities: tuple[str, ...]  # capitalised words after the first word, in order
-    content: tuple[str, ...]  # content words, in order
+    capitalised: frozenset[str]  # content words capitalised after the first word
+    content: tuple[str, ...]  # content and direction words, in order
 
 
 def _stem(word: str) -> str:
@@ -173,7 +175,7 @@ def features(text: str) -> QuestionFeatures:
     negations: Counter[str] = Counter()
     numbers: Counter[str] = Counter()
     polarity: Counter[str] = Counter()
-    entities: list[str] = []
+    capitalised: set[str] = set()
     content: list[str] = []
     spoken: list[int] = []  # number words being read ("twenty three" → 23)
 
@@ -216,15 +218,20 @@ def features(text: str) -> QuestionFeatures:
             continue
         if lower in POLARITY:
             polarity[lower] += 1
+            content.append(lower)  # where it stands matters: "from Paris to London"
             continue
         stem = _stem(lower)
         if stem in STOPWORDS or lower in STOPWORDS:
             continue
         if index > 0 and token[0].isupper():
-            entities.append(stem)
+            capitalised.add(stem)
         content.append(stem)
     end_number()
-    return QuestionFeatures(negations, numbers, polarity, tuple(entities), tuple(content))
+    return QuestionFeatures(negations, numbers, polarity, frozenset(capitalised), tuple(content))
+
+
+def _entities(question: QuestionFeatures, names: frozenset[str]) -> list[str]:
+    return [word for word in question.content if word in names]
 
 
 def guard_refusal(a: QuestionFeatures, b: QuestionFeatures) -> str | None:
@@ -233,12 +240,19 @@ def guard_refusal(a: QuestionFeatures, b: QuestionFeatures) -> str | None:
         return "negation differs"
     if a.numbers != b.numbers:
         return "numbers differ"
-    if a.entities != b.entities:
+    # Names are recognised by their capital in either question, so a question
+    # typed in lower case still matches its capitalised twin.
+    names = a.capitalised | b.capitalised
+    if names and _entities(a, names) != _entities(b, names):
         return "named entities differ"
     if a.polarity != b.polarity:
         return "direction or comparison words differ"
     if a.content != b.content:
-        return "content words differ"
+        return (
+            "content words differ"
+            if sorted(a.content) != sorted(b.content)
+            else "word order differs"
+        )
     return None
 
 
