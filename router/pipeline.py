@@ -29,6 +29,7 @@ from router.directory import least_loaded
 from router.domain import NodeAnswer, Restart, RouteRequest, RouteResult, Tier
 from router.failover import TierUnavailable
 from router.flights import Flights, once
+from router.metrics import RouterMetrics
 from router.nodes import NodeClient, NodeRejected, NodeUnavailable
 from router.plan import Plan, make_plan
 from router.policy import admission_refusal, may_serve_cached
@@ -37,7 +38,8 @@ from router.semantic_cache import SemanticIndex
 from router.settings import RouterSettings
 from router.streaming import StreamEvent, StreamRoute, with_whole_text
 from router.tiers import EdgeOutcome, edge_rejected  # noqa: F401 - re-exported (router.streaming)
-from tidegate.errors import InvalidArgument, Unavailable
+from tidegate.errors import InvalidArgument, TidegateError, Unavailable
+from tidegate.logs import bind_request_id
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class Pipeline:
         self.cache_misses = 0
         self.semantic_hits = 0
         self.semantic: SemanticIndex | None = None  # set by router.service when enabled
+        self.metrics: RouterMetrics | None = None  # set by router.service when enabled
         self._flights: Flights[StreamEvent] = Flights()
         self._model_probed_at: dict[Tier, float] = {}
         # Guards (router.tiers): who may ask, how much, and where. ``apply``
@@ -111,8 +114,19 @@ class Pipeline:
 
     async def generate(self, request: RouteRequest, deadline: float | None = None) -> RouteResult:
         """Answer one request. ``deadline`` is on the event loop's clock."""
+        bind_request_id(request.request_id)
+        try:
+            result = await self._generate(request, deadline)
+        except Exception as exc:
+            self._failed("generate", request, exc)
+            raise
+        self._finished("generate", request, result)
+        return result
+
+    async def _generate(self, request: RouteRequest, deadline: float | None) -> RouteResult:
         watch = Stopwatch.start()
         plan = make_plan(request, self.settings)
+        bind_request_id(plan.request_id)
         deadline = await self._begin(plan, deadline)
         hit = await self._lookup(plan, watch)
         if hit is not None:
@@ -170,8 +184,22 @@ class Pipeline:
     ) -> AsyncIterator[str | Restart | RouteResult]:
         """Text deltas, at most one Restart, then the RouteResult (whose text is
         the whole answer). Semantics: ``router.streaming``."""
+        bind_request_id(request.request_id)
+        try:
+            async for event in self._stream(request, deadline):
+                if isinstance(event, RouteResult):
+                    self._finished("stream", request, event)
+                yield event
+        except Exception as exc:
+            self._failed("stream", request, exc)
+            raise
+
+    async def _stream(
+        self, request: RouteRequest, deadline: float | None
+    ) -> AsyncIterator[str | Restart | RouteResult]:
         watch = Stopwatch.start()
         plan = make_plan(request, self.settings)
+        bind_request_id(plan.request_id)
         deadline = await self._begin(plan, deadline)
         hit = await self._lookup(plan, watch)
         if hit is not None:
@@ -200,6 +228,45 @@ class Pipeline:
             if isinstance(event, RouteResult) and not flight.leader:
                 event = provenance.coalesced(event, plan, watch)
             yield event
+
+    # -- observation -------------------------------------------------------
+
+    def _finished(self, rpc: str, request: RouteRequest, result: RouteResult) -> None:
+        if self.metrics is not None:
+            self.metrics.finished(rpc, request.tenant, result)
+        log.info(
+            "%s answered by %s in %.1f ms (router %.2f ms)%s",
+            rpc,
+            result.tier.label,
+            result.timings.total_ms,
+            result.timings.router_overhead_ms,
+            f", escalated: {result.escalation_reason}" if result.escalation_reason else "",
+            extra={
+                "event": "request",
+                "rpc": rpc,
+                "request_id": result.request_id,
+                "tenant": request.tenant,
+                "tier": result.tier.label,
+                "source_tier": result.source_tier.label if result.source_tier else None,
+                "escalation": result.escalation.name.lower(),
+                "flags": list(result.flags),
+                "model": result.model,
+                "total_ms": round(result.timings.total_ms, 3),
+                "router_overhead_ms": round(result.timings.router_overhead_ms, 3),
+            },
+        )
+
+    def _failed(self, rpc: str, request: RouteRequest, error: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.failed(rpc, request.tenant, error)
+        code = error.code.name if isinstance(error, TidegateError) else "INTERNAL"
+        log.info(
+            "%s failed: %s: %s",
+            rpc,
+            code,
+            error,
+            extra={"event": "request", "rpc": rpc, "tenant": request.tenant, "code": code},
+        )
 
     # -- steps -------------------------------------------------------------
 
@@ -410,6 +477,8 @@ class Pipeline:
 
     async def close(self) -> None:
         await self._flights.close()
+        if self.semantic is not None:
+            await self.semantic.close()
         for node in [*self.edges, *self.clouds]:
             await node.close()
         if self.cache is not None:
