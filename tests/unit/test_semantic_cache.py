@@ -14,14 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from router.semantic_cache import (
-    Embedder,
-    SemanticIndex,
-    features,
-    guard_refusal,
-    model_folder,
-    semantic_scope,
-)
+from router.semantic_cache import Embedder, SemanticIndex, model_folder, semantic_scope
+from router.semantic_guards import features, guard_refusal
 from router.settings import SemanticCacheSettings
 from tidegate.chat import ChatMessage, SamplingParams
 from tidegate.errors import ConfigError

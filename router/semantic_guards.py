@@ -1,0 +1,213 @@
+"""Guards for semantic cache matches: what must be equal between two questions
+before one's cached answer may answer the other (``router.semantic_cache``).
+
+Embeddings rate a negated question, a changed number or a swapped name as
+near-duplicates (cosine 0.93–0.99 with all-MiniLM-L6-v2), so the similarity
+alone cannot be trusted with them. ``features`` extracts, cheaply and without
+a model, what those changes alter; ``guard_refusal`` compares two questions:
+
+* negation markers (not, no, never, without, n't, …), as a multiset;
+* numbers, digits and number words in one spelling ("17" = "seventeen",
+  "1,000" = "1000"; ordinals too), as a multiset;
+* named entities: the words capitalised (after the first word) in either
+  question, in the order they appear in each;
+* direction and comparison words (before/after, more/less, from, …);
+* content words — everything but function words, politeness fillers,
+  possessives and plural endings — with the direction words, in order.
+
+Precision over recall: a missed paraphrase costs a model call, a false match
+serves another question's answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+_TOKEN = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*(?:st|nd|rd|th)?|[A-Za-z]+(?:['’][A-Za-z]+)*")
+
+NEGATIONS = {
+    "not": "not",
+    "no": "no",
+    "never": "never",
+    "none": "none",
+    "nobody": "nobody",
+    "nothing": "nothing",
+    "nowhere": "nowhere",
+    "neither": "neither",
+    "nor": "nor",
+    "without": "without",
+    "cannot": "not",
+    "non": "not",
+    "except": "except",
+    "excluding": "except",
+    # typed without the apostrophe
+    "dont": "not",
+    "doesnt": "not",
+    "didnt": "not",
+    "isnt": "not",
+    "arent": "not",
+    "wasnt": "not",
+    "werent": "not",
+    "cant": "not",
+    "wont": "not",
+    "shouldnt": "not",
+    "couldnt": "not",
+    "wouldnt": "not",
+    "havent": "not",
+    "hasnt": "not",
+}
+
+# Function words whose change flips a question but which embeddings barely see.
+POLARITY = frozenset(
+    "before after above below over under more less most least fewer greater than "
+    "from into onto up down out off against between until since during inside outside "
+    "within beyond".split()
+)
+
+_UNITS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+    "fourteen fifteen sixteen seventeen eighteen nineteen"
+).split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)} | {w: 20 + 10 * i for i, w in enumerate(_TENS)}
+SCALES = {"hundred": 100, "thousand": 1_000, "million": 10**6, "billion": 10**9}
+ORDINALS = {
+    w: f"{i + 1}th"
+    for i, w in enumerate(
+        "first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth".split()
+    )
+}
+
+# Words that carry no content of their own: question words, auxiliaries,
+# pronouns, articles, most prepositions, politeness and request fillers.
+STOPWORDS = frozenset(
+    """
+    a an the this that these those there here it its it's i me my mine we us our you your
+    he him his she her they them their what which who whom whose when where why how
+    is are was were be been being am do does did done doing have has had having
+    can could would should will shall may might must ought
+    of in on at to for by with about as and or but if so then also
+    please kindly pls tell give show explain describe let know want like need help
+    just actually really exactly
+    some any way ways thing things using use via
+    hi hello hey thanks thank
+    """.split()
+)
+
+
+@dataclass(frozen=True)
+class QuestionFeatures:
+    """What the guards compare between two questions."""
+
+    negations: Counter[str]
+    numbers: Counter[str]
+    polarity: Counter[str]
+    capitalised: frozenset[str]  # content words capitalised after the first word
+    content: tuple[str, ...]  # content and direction words, in order
+
+
+def _stem(word: str) -> str:
+    """Crude: possessive and plural removed ("France's" → "france", "lists" → "list")."""
+    word = re.sub(r"['’]s$", "", word)
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def _number(token: str) -> str:
+    """A digit token in one spelling: "1,000" → "1000", "21st" → "21th"."""
+    match = re.fullmatch(r"(-?[\d.,]+?)(st|nd|rd|th)?", token)
+    assert match is not None
+    digits, suffix = match.groups()
+    if "," in digits and re.fullmatch(r"-?\d{1,3}(,\d{3})+", digits):
+        digits = digits.replace(",", "")
+    return digits + ("th" if suffix else "")
+
+
+def features(text: str) -> QuestionFeatures:
+    negations: Counter[str] = Counter()
+    numbers: Counter[str] = Counter()
+    polarity: Counter[str] = Counter()
+    capitalised: set[str] = set()
+    content: list[str] = []
+    spoken: list[int] = []  # number words being read ("twenty three" → 23)
+
+    def end_number() -> None:
+        if spoken:
+            total, current = 0, 0
+            for value in spoken:
+                if value in SCALES.values():
+                    if value == 100:
+                        current = max(current, 1) * 100
+                    else:
+                        total += max(current, 1) * value
+                        current = 0
+                else:
+                    current += value
+            numbers[str(total + current)] += 1
+            spoken.clear()
+
+    for index, raw in enumerate(_TOKEN.findall(text)):
+        token = raw.replace("’", "'")
+        lower = token.lower()
+        if lower[0].isdigit() or (lower[0] == "-" and len(lower) > 1):
+            end_number()
+            numbers[_number(lower)] += 1
+            continue
+        if lower in NUMBER_WORDS or lower in SCALES:
+            spoken.append(NUMBER_WORDS.get(lower, SCALES.get(lower, 0)))
+            continue
+        if lower == "and" and spoken:
+            continue  # "one hundred and five"
+        end_number()
+        if lower in ORDINALS:
+            numbers[ORDINALS[lower]] += 1
+            continue
+        if lower.endswith("n't"):
+            negations["not"] += 1
+            lower = {"ca": "can", "wo": "will", "sha": "shall"}.get(lower[:-3], lower[:-3])
+        if lower in NEGATIONS:
+            negations[NEGATIONS[lower]] += 1
+            continue
+        if lower in POLARITY:
+            polarity[lower] += 1
+            content.append(lower)  # where it stands matters: "from Paris to London"
+            continue
+        stem = _stem(lower)
+        if stem in STOPWORDS or lower in STOPWORDS:
+            continue
+        if index > 0 and token[0].isupper():
+            capitalised.add(stem)
+        content.append(stem)
+    end_number()
+    return QuestionFeatures(negations, numbers, polarity, frozenset(capitalised), tuple(content))
+
+
+def _entities(question: QuestionFeatures, names: frozenset[str]) -> list[str]:
+    return [word for word in question.content if word in names]
+
+
+def guard_refusal(a: QuestionFeatures, b: QuestionFeatures) -> str | None:
+    """Why question ``b`` must not be answered with ``a``'s answer (None: it may)."""
+    if a.negations != b.negations:
+        return "negation differs"
+    if a.numbers != b.numbers:
+        return "numbers differ"
+    # Names are recognised by their capital in either question, so a question
+    # typed in lower case still matches its capitalised twin.
+    names = a.capitalised | b.capitalised
+    if names and _entities(a, names) != _entities(b, names):
+        return "named entities differ"
+    if a.polarity != b.polarity:
+        return "direction or comparison words differ"
+    if a.content != b.content:
+        return (
+            "content words differ"
+            if sorted(a.content) != sorted(b.content)
+            else "word order differs"
+        )
+    return None
