@@ -245,7 +245,11 @@ class RegistrationAgent:
                     await self._renew()
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() is grpc.StatusCode.NOT_FOUND:
-                        log.info("router %s forgot this edge; registering again", exc.details())
+                        log.info(
+                            "router %s forgot this edge (%s); registering again",
+                            self.settings.router,
+                            exc.details(),
+                        )
                         self.state.registered = False
                     else:
                         self._failed(exc, "heartbeat")
