@@ -89,7 +89,7 @@ CMD ["cloud", "serve", "--config", "/etc/tidegate/cloud.yaml"]
 # OpenAI-compatible API (`backend: openai` in cloud.yaml); no torch ---------------
 FROM base AS cloud-openai
 COPY --from=source /opt/tidegate /opt/tidegate
-RUN pip install .
+RUN pip install ".[cloud-openai]"
 USER tidegate
 EXPOSE 50053
 HEALTHCHECK --interval=15s --timeout=10s --start-period=30s --retries=3 \

@@ -20,6 +20,21 @@ import grpc
 from tidegate.errors import ConfigError
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
+# Packages that come with one role's extra (pyproject.toml): a clear message
+# instead of a traceback when that role runs on an install without it.
+EXTRA_OF_MODULE = {
+    "redis": "router",
+    "prometheus_client": "router",
+    "starlette": "router",
+    "uvicorn": "router",
+    "httpx": "cloud-openai",
+    "torch": "models",
+    "transformers": "models",
+    "tokenizers": "models",
+    "safetensors": "models",
+    "gguf": "models",
+    "accelerate": "models",
+}
 
 
 def _setup_logging(verbose: bool, log_format: str = "text") -> None:
@@ -457,6 +472,19 @@ def run(argv: Sequence[str] | None = None) -> int:
             return evaluation_commands.run(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in EXTRA_OF_MODULE:
+            raise
+        package = exc.name.split(".")[0]
+        extra = EXTRA_OF_MODULE[package]
+        if extra == "models":  # the model stack comes with the edge and cloud extras
+            extra = args.command if args.command in ("edge", "cloud") else "all"
+        print(
+            f"error: `tidegate {args.command}` needs the Python package {package!r}, "
+            f"which is not installed: pip install 'tidegate[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
     except grpc.aio.AioRpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
