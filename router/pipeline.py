@@ -207,10 +207,10 @@ class Pipeline:
                 yield hit.text
             yield hit
             return
-        if plan.rule.route != "auto" or self.budgets.has_token_budget(plan.request.tenant):
-            # The unary flow enforces rules and budgets (router.tiers): a pinned
-            # request never reaches the cloud, and a cloud call is paid for
-            # before it starts. Its answer goes out as one delta.
+        if plan.rule.route != "auto":
+            # The unary flow enforces rules (router.tiers): a pinned request never
+            # reaches the cloud. Its answer goes out as one delta. (Budgets are
+            # reserved and settled by the stream itself: router.streaming.)
             result = await self._route(plan, deadline, watch)
             if result.text:
                 yield result.text

@@ -19,6 +19,8 @@ final ``RouteResult`` (whose text is the whole answer) — or an error.
   stream ends with UNAVAILABLE saying so — never with another node's text
   appended.
 * **Only complete answers are cached** (the same admission rules as unary).
+* **Budgets** as in unary calls: the tenant's cloud budget is reserved before
+  the first cloud stream and settled with the tokens it really used.
 
 This module is the flight's work (``router.flights``): identical streams in
 flight share one run and receive the same events.
@@ -32,6 +34,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from router import provenance
+from router.budgets import BudgetExceeded
 from router.domain import Escalation, NodeAnswer, Restart, RouteResult, Tier
 from router.nodes import NodeClient, NodeRejected, NodeUnavailable, node_request
 from router.plan import Plan
@@ -60,6 +63,7 @@ async def idle_guarded(
             except TimeoutError:
                 detail = f"stalled: no chunk for {idle_s:g} s (stream.idle_timeout_s)"
                 node.health.failed(detail)
+                node.breaker.record_failure(detail)
                 raise NodeUnavailable(node, detail) from None
             yield item
     finally:
@@ -146,6 +150,24 @@ class StreamRoute:
         self.edge = EdgeOutcome(Decision.escalate(Escalation.EDGE_UNAVAILABLE, reason), None)
 
     async def _cloud(self, edge: EdgeOutcome) -> AsyncIterator[StreamEvent]:
+        from router import tiers
+
+        try:
+            reservation = await tiers.reserve_cloud(self.p, self.plan)
+        except BudgetExceeded as exc:
+            result = tiers.over_budget_or_raise(self.p, self.plan, edge, self.watch, exc)
+            yield provenance.restarted(result) if self.restarted else result
+            return
+        spent = 0
+        try:
+            async for event in self._cloud_streams(edge):
+                if isinstance(event, RouteResult) and event.tier is Tier.CLOUD:
+                    spent = event.prompt_tokens + event.completion_tokens
+                yield event
+        finally:
+            await self.p.budgets.settle(reservation, spent)
+
+    async def _cloud_streams(self, edge: EdgeOutcome) -> AsyncIterator[StreamEvent]:
         p, plan, watch = self.p, self.plan, self.watch
         failures: list[NodeUnavailable] = []
         for node in p.clouds:

@@ -37,6 +37,11 @@ async def stack():
         yield Stack(exits)
 
 
+# Long enough that a busy CPU (tests run side by side on 2 cores) never makes a
+# healthy tiny model look stalled; far below the 30 s a stalled node hangs.
+IDLE_S = 2.0
+
+
 class PacedBackend:
     """A real backend whose stream is paced, stalled or cut on the node side.
 
@@ -121,7 +126,7 @@ async def test_stalled_cloud_stream_before_any_delta_falls_back_to_the_next_clou
     healthy = CountingBackend(cloud_backend())
     first = await stack.node("cloud", stalled, estimator=None)
     second = await stack.node("cloud", healthy, estimator=None)
-    await stack.router([], [first.address, second.address], stream={"idle_timeout_s": 0.5})
+    await stack.router([], [first.address, second.address], stream={"idle_timeout_s": IDLE_S})
     started = asyncio.get_running_loop().time()
     events, final = await collect(stack.stub.GenerateStream(ask(), timeout=30))
     assert asyncio.get_running_loop().time() - started < 10  # not the 30 s stall
@@ -138,7 +143,7 @@ async def test_stalled_cloud_stream_after_deltas_is_unavailable_and_not_cached(s
     backup = CountingBackend(cloud_backend())
     first = await stack.node("cloud", stalled, estimator=None)
     second = await stack.node("cloud", backup, estimator=None)
-    await stack.router([], [first.address, second.address], stream={"idle_timeout_s": 0.5})
+    await stack.router([], [first.address, second.address], stream={"idle_timeout_s": IDLE_S})
     deltas: list[str] = []
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for event in stack.stub.GenerateStream(ask(), timeout=30):
@@ -163,7 +168,7 @@ async def test_stalled_edge_stream_escalates_to_the_cloud(stack):
     await stack.router(
         [edge_server.address],
         [cloud_server.address],
-        stream={"idle_timeout_s": 0.5, "early_edge_tokens": True},
+        stream={"idle_timeout_s": IDLE_S, "early_edge_tokens": True},
     )
     events, final = await collect(stack.stub.GenerateStream(ask(min_confidence=0.0), timeout=30))
     assert final is not None and final.tier == router_pb2.TIER_CLOUD
@@ -272,3 +277,40 @@ async def test_ask_stream_prints_the_restart_and_the_whole_answer(stack):
     final = await stack.stub.Generate(ask("What is 2+2?", min_confidence=1.0), timeout=30)
     assert final.tier == router_pb2.TIER_CACHE  # the streamed cloud answer was cached
     assert out.rstrip("\n").endswith(final.text)
+
+
+# -- budgets -----------------------------------------------------------------------
+
+
+async def test_streams_reserve_the_budget_and_settle_their_real_usage(stack):
+    cloud = CountingBackend(cloud_backend())
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    limit = 400
+    await stack.router(
+        [],
+        [cloud_server.address],
+        budgets={
+            "prompt_token_factor": 4.0,  # the tiny tokenizer counts many tokens per byte
+            "tenants": [{"tenant": "acme", "cloud_tokens_per_day": limit}],
+        },
+    )
+
+    async def one(i: int) -> Any:
+        request = ask(f"Question {i}: what is the capital of France?", tenant="acme")
+        try:
+            return await collect(stack.stub.GenerateStream(request, timeout=60))
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(8)))
+    answers = [
+        final for o in outcomes if not isinstance(o, grpc.aio.AioRpcError) for final in [o[1]]
+    ]
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert answers and refused  # some fit in the budget, some did not
+    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    spent = sum(a.usage.prompt_tokens + a.usage.completion_tokens for a in answers)
+    assert spent <= limit and cloud.calls == len(answers)  # never overshot
+    status = await stack.stub.Status(router_pb2.StatusRequest(), timeout=10)
+    day = next(b for b in status.budgets if b.tenant == "acme" and b.window == "day")
+    assert day.remaining == limit - spent  # settled with what the streams really used
