@@ -32,6 +32,8 @@ from tidegate.errors import DeadlineExceeded, Unavailable
 
 T = TypeVar("T")
 
+DEADLINE_SLACK_S = 0.005  # timers fire a hair early: this close to it, the deadline has passed
+
 
 def describe_failures(failures: Sequence[NodeUnavailable]) -> list[str]:
     """One line per node, in order of first failure: its last error, and how
@@ -122,6 +124,13 @@ async def ask_tier(
             if exc.timed_out:
                 timed_out.add(id(node))
     failures += [_cooling_failure(n) for n in cooling]
+    if deadline is not None and loop.time() >= deadline - DEADLINE_SLACK_S:
+        # The request ran out of time (its last attempt was cut at the deadline):
+        # that is the client's DEADLINE_EXCEEDED, not the tier being down.
+        raise DeadlineExceeded(
+            f"the deadline passed while asking the {tier} tier: "
+            + "; ".join(describe_failures(failures))
+        )
     raise TierUnavailable(tier, failures, note)
 
 

@@ -15,8 +15,6 @@ from typing import Any
 import grpc
 import pytest
 
-from router.service import serve_router
-from router.settings import RouterSettings
 from tests.integration.test_router_e2e import (
     CountingBackend,
     Stack,
@@ -25,10 +23,11 @@ from tests.integration.test_router_e2e import (
     cloud_backend,
     status_code,
 )
+from tests.support.router_stack import start_router, target
 from tests.support.tiny_models import tiny_backend
 from tidegate.backend import Generation
 from tidegate.chat import GenerationRequest
-from tidegate.v1 import router_pb2, router_pb2_grpc
+from tidegate.v1 import router_pb2
 
 
 class FailingBackend(CountingBackend):
@@ -53,24 +52,6 @@ class FailingBackend(CountingBackend):
 async def stack():
     async with AsyncExitStack() as exits:
         yield Stack(exits)
-
-
-async def router_with(stack: Stack, cloud: list[dict[str, Any]], **settings: Any) -> None:
-    """A cloud-only router with its cloud targets spelled out (per-node timeouts)."""
-    data = {
-        "listen": "127.0.0.1:0",
-        "http": {"enabled": False},
-        "metrics": {"enabled": False},
-        "edge": [],
-        "cloud": cloud,
-        "policy": {"default_max_new_tokens": 16},
-        **settings,
-    }
-    server = await serve_router(RouterSettings.model_validate(data))
-    stack.exits.push_async_callback(server.stop, 0)
-    channel = grpc.aio.insecure_channel(server.address)
-    stack.exits.push_async_callback(channel.close)
-    stack.stub = router_pb2_grpc.RouterStub(channel)
 
 
 async def status_of(stack: Stack, name: str) -> router_pb2.NodeStatus:
@@ -117,12 +98,12 @@ async def test_a_node_that_timed_out_is_not_asked_again(stack):
     slow_server = await stack.node("cloud", slow, estimator=None)
     fast_server = await stack.node("cloud", fast, estimator=None)
     retries = {"cloud_attempts": 3}
-    slow_target = {"name": "slow", "address": slow_server.address, "timeout_s": 0.3}
-    fast_target = {"name": "fast", "address": fast_server.address}
-    await router_with(stack, [slow_target, fast_target], retries=retries)
+    slow_target = target("slow", slow_server.address, timeout_s=0.3)
+    fast_target = target("fast", fast_server.address)
+    await start_router(stack, [], [slow_target, fast_target], retries=retries)
     r = await stack.stub.Generate(ask(), timeout=30)
     assert r.tier == router_pb2.TIER_CLOUD and (slow.calls, fast.calls) == (1, 1)
-    await router_with(stack, [slow_target], retries=retries)
+    await start_router(stack, [], [slow_target], retries=retries)
     code, details = await status_code(stack.stub.Generate(ask(tenant="alone"), timeout=30))
     assert code == grpc.StatusCode.UNAVAILABLE and "DEADLINE_EXCEEDED" in details
     assert slow.calls == 2  # once per request: a timeout is not retried on the same node

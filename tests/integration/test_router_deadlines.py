@@ -1,0 +1,121 @@
+"""Deadlines over real nodes: the client's gRPC deadline reaches the nodes, the
+edge gets only what leaves the cloud time to answer, and an edge attempt that
+cannot finish in time is skipped (escalation DEADLINE). The edge is a real
+tiny model slowed on the node side (CountingBackend.delay_s)."""
+
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+
+import grpc
+import pytest
+
+from tests.integration.test_router_e2e import (
+    CountingBackend,
+    Stack,
+    ask,
+    cloud_backend,
+    status_code,
+)
+from tests.support.router_stack import start_router, target
+from tests.support.tiny_models import tiny_backend
+from tidegate.v1 import router_pb2
+
+
+@pytest.fixture
+async def stack():
+    async with AsyncExitStack() as exits:
+        yield Stack(exits)
+
+
+async def slow_edge_stack(stack: Stack, delay_s: float, **router: object):
+    edge = CountingBackend(tiny_backend(seed=0), delay_s=delay_s)
+    cloud = CountingBackend(cloud_backend())
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router([edge_server.address], [cloud_server.address], **router)
+    return edge, cloud
+
+
+async def test_an_edge_too_slow_for_the_deadline_is_skipped(stack):
+    edge, cloud = await slow_edge_stack(stack, delay_s=1.0)
+    # No deadline: the edge answers, and the router learns it takes ~1 s.
+    first = await stack.stub.Generate(ask(min_confidence=0.0, tenant="a"), timeout=30)
+    assert first.tier == router_pb2.TIER_EDGE and edge.calls == 1
+    edge_status = (await stack.stub.Status(router_pb2.StatusRequest(), timeout=10)).nodes[0]
+    assert edge_status.expected_latency_ms >= 1000
+
+    started = time.perf_counter()
+    r = await stack.stub.Generate(ask(min_confidence=0.0, tenant="b"), timeout=0.8)
+    assert time.perf_counter() - started < 0.8
+    assert r.tier == router_pb2.TIER_CLOUD and edge.calls == 1  # not even started
+    assert r.escalation_code == router_pb2.ESCALATION_CODE_DEADLINE
+    assert (
+        "do not fit in the" in r.escalation_reason and "before the deadline" in r.escalation_reason
+    )
+
+    roomy = await stack.stub.Generate(ask(min_confidence=0.0, tenant="c"), timeout=10)
+    assert roomy.tier == router_pb2.TIER_EDGE and edge.calls == 2  # time enough: asked
+
+
+async def test_a_configured_estimate_skips_the_edge_before_any_measurement(stack):
+    edge = CountingBackend(tiny_backend(seed=0))
+    cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
+    edge_server = await stack.node("edge", edge)
+    await start_router(
+        stack,
+        [target("edge0", edge_server.address, expected_latency_s=5.0)],
+        [target("cloud0", cloud_server.address)],
+    )
+    r = await stack.stub.Generate(ask(min_confidence=0.0), timeout=2.0)
+    assert r.escalation_code == router_pb2.ESCALATION_CODE_DEADLINE and edge.calls == 0
+    assert "the edge (~5000 ms expected)" in r.escalation_reason
+
+
+async def test_the_edge_gets_a_shorter_deadline_so_the_cloud_can_still_answer(stack):
+    edge = CountingBackend(tiny_backend(seed=0), delay_s=3.0)
+    cloud = CountingBackend(cloud_backend())
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    # Nothing is known of the edge; the cloud is expected to take 0.5 s.
+    await start_router(
+        stack,
+        [target("edge0", edge_server.address)],
+        [target("cloud0", cloud_server.address, expected_latency_s=0.5)],
+    )
+    started = time.perf_counter()
+    r = await stack.stub.Generate(ask(min_confidence=0.0), timeout=2.0)
+    elapsed = time.perf_counter() - started
+    assert r.tier == router_pb2.TIER_CLOUD, r.escalation_reason
+    assert r.escalation_code == router_pb2.ESCALATION_CODE_EDGE_UNAVAILABLE
+    assert "DEADLINE_EXCEEDED" in r.escalation_reason
+    # 2.0 s - 0.05 s margin - 0.5 s for the cloud ≈ 1.45 s for the edge.
+    assert 1.2 <= r.timings.edge_ms / 1000 <= 1.8 and elapsed < 2.0
+    assert (edge.calls, cloud.calls) == (1, 1)
+
+
+async def test_a_deadline_nothing_can_meet_is_deadline_exceeded(stack):
+    slow_cloud = CountingBackend(cloud_backend(), delay_s=2.0)
+    cloud_server = await stack.node("cloud", slow_cloud, estimator=None)
+    await stack.router([], [cloud_server.address])
+    code, _ = await status_code(stack.stub.Generate(ask(), timeout=0.5))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    ok = await stack.stub.Generate(ask(tenant="later"), timeout=30)  # still serving
+    assert ok.tier == router_pb2.TIER_CLOUD
+
+
+async def test_a_rule_sets_a_deadline_for_the_requests_it_matches(stack):
+    edge = CountingBackend(tiny_backend(seed=0))
+    cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
+    edge_server = await stack.node("edge", edge)
+    await start_router(
+        stack,
+        [target("edge0", edge_server.address, expected_latency_s=3.0)],
+        [target("cloud0", cloud_server.address)],
+        rules=[{"name": "interactive", "tags": ["chat"], "deadline_s": 1.0}],
+    )
+    r = await stack.stub.Generate(ask(min_confidence=0.0, tags=["chat"]), timeout=30)
+    assert r.escalation_code == router_pb2.ESCALATION_CODE_DEADLINE and edge.calls == 0
+    batch = await stack.stub.Generate(ask(min_confidence=0.0, tenant="batch"), timeout=30)
+    assert batch.tier == router_pb2.TIER_EDGE and edge.calls == 1  # no rule, no deadline
