@@ -341,11 +341,20 @@ async def _status(address: str, as_json: bool, args: argparse.Namespace | None =
     return 0
 
 
-def _models() -> int:
-    from tidegate.inference.bundled import list_bundled
+def _models(as_json: bool, cache_dir: str | None) -> int:
+    """Bundled, converted and Hugging Face cached models (reads disk only: no torch)."""
+    from tidegate.inference.local_models import (
+        converted_root,
+        hub_cache_dir,
+        local_models,
+        render,
+    )
 
-    for model in list_bundled():
-        print(model.describe())
+    models = local_models(cache_dir)
+    if as_json:
+        print(json.dumps([m.to_dict() for m in models]))
+    else:
+        print(render(models, hub_cache_dir(), converted_root(cache_dir)), end="")
     return 0
 
 
@@ -424,7 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
     hash_key.add_argument("key", nargs="?", help="the key (default: one line from stdin)")
     hash_key.add_argument("--new", action="store_true", help="generate a new random key too")
 
-    sub.add_parser("models", help="list bundled models and whether they are installed")
+    models = sub.add_parser(
+        "models", help="models available here: bundled, converted, Hugging Face cache"
+    )
+    models.add_argument("--json", action="store_true", help="one JSON list")
+    models.add_argument("--cache-dir", help="tidegate's model cache (default: model.cache_dir's)")
 
     from tidegate.evaluation import commands as evaluation_commands  # eval, fit-combiner, …
 
@@ -465,7 +478,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         elif args.command == "hash-key":
             return _hash_key(args.key, args.new)
         elif args.command == "models":
-            return _models()
+            return _models(args.json, args.cache_dir)
         elif args.command in ("eval", "fit-combiner", "calibrate"):
             from tidegate.evaluation import commands as evaluation_commands
 

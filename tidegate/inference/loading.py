@@ -211,20 +211,43 @@ def _hub(settings: ModelSettings, root: Path) -> _Resolved:
 
 
 def _hub_error(settings: ModelSettings, exc: BaseException) -> ConfigError:
+    from tidegate.inference.local_models import hub_cache_dir
+
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    cache = hub_cache_dir()
     tried = [
         f"a bundled model (known: {', '.join(BUNDLED_MODELS)})",
         f"a local folder ({Path(settings.source).expanduser().resolve()} does not exist)",
         f"the Hugging Face id {settings.source!r}"
         + (f" at revision {settings.revision!r}" if settings.revision else "")
         + (f", file {settings.gguf_file!r}" if settings.gguf_file else "")
-        + (" with HF_HUB_OFFLINE=1 (only the local hub cache was searched)" if offline else ""),
+        + (
+            f" with HF_HUB_OFFLINE=1 (only the local Hugging Face cache {cache} was searched)"
+            if offline
+            else f" (the local Hugging Face cache {cache}, then the hub)"
+        ),
     ]
     return ConfigError(
         f"could not load model {settings.source!r}. Tried: "
         + "; ".join(tried)
-        + f". The hub said: {type(exc).__name__}: {exc}"
+        + f". The hub said: {type(exc).__name__}: {exc}. "
+        "`tidegate models` lists the models available on this machine."
     )
+
+
+def _hub_commit(settings: ModelSettings) -> str | None:
+    """The commit a hub id resolved to, read back from the local hub cache.
+
+    The identity must name the weights (it is part of every cache key): a
+    branch such as "main" moves when the repository is updated.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(settings.source, "config.json", revision=settings.revision)
+    except Exception:  # noqa: BLE001 - identity falls back to the revision name
+        return None
+    return Path(path).parent.name if isinstance(path, str) else None
 
 
 def resolve_source(settings: ModelSettings, root: Path) -> _Resolved:
@@ -262,7 +285,12 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         raise ConfigError(f"could not load model from {resolved.location}: {exc}") from exc
     model_id = resolved.model_id
     if resolved.kind == "hub":
-        commit = getattr(model.config, "_commit_hash", None) or settings.revision or "main"
+        commit = (
+            getattr(model.config, "_commit_hash", None)
+            or _hub_commit(settings)
+            or settings.revision
+            or "main"
+        )
         model_id = f"{resolved.model_id}@{commit[:12]}"
     elapsed = time.perf_counter() - started
     log.info(
