@@ -90,7 +90,7 @@ def _bundled(root: Path) -> list[LocalModel]:
 
 
 def _converted(root: Path) -> list[LocalModel]:
-    found = []
+    found: list[LocalModel] = []
     if not root.is_dir():
         return found
     for folder in sorted(root.iterdir()):
@@ -134,7 +134,7 @@ def _snapshot(repo: Path) -> Path | None:
 
 
 def _hub_cache(root: Path) -> list[LocalModel]:
-    found = []
+    found: list[LocalModel] = []
     if not root.is_dir():
         return found
     for repo in sorted(root.glob(f"{REPO_PREFIX}*")):
@@ -142,12 +142,13 @@ def _hub_cache(root: Path) -> list[LocalModel]:
         snapshot = _snapshot(repo)
         files = [p for p in snapshot.rglob("*") if p.is_file()] if snapshot else []
         names = {p.relative_to(snapshot).as_posix() for p in files} if snapshot else set()
+        commit = snapshot.name[:12] if snapshot else "?"
         ggufs = sorted(n for n in names if n.endswith(".gguf"))
         has_weights = "config.json" in names and any(
             n.endswith((".safetensors", ".bin")) for n in names
         )
         if has_weights:
-            note, gguf, ready = f"transformers weights at {snapshot.name[:12]}", "", True
+            note, gguf, ready = f"transformers weights at {commit}", "", True
         elif ggufs:
             note = f"GGUF files: {', '.join(ggufs)} (set model.gguf_file)"
             gguf, ready = ggufs[0], True
