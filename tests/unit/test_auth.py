@@ -1,4 +1,4 @@
-"""router.auth: keys → tenants, hashed storage, bearer metadata, auth off by default."""
+"""router.auth (unit): keys → tenants, hashed storage, bearer metadata, auth off by default."""
 
 from __future__ import annotations
 
