@@ -324,6 +324,9 @@ async def _status(address: str, as_json: bool, args: argparse.Namespace | None =
             state += f", cooled down for {node.cooldown_remaining_s:.1f} s more"
         if node.consecutive_failures:
             state += f", {node.consecutive_failures} consecutive failures"
+        if node.registered:
+            state += f", registered (load {node.load:.2f} of capacity {node.capacity}"
+            state += f", heartbeat {node.heartbeat_age_s:.1f} s ago)"
         print(f"  {node.tier:5} {node.name:12} {node.address:22} {node.model:40} {state}")
     lookups = status.cache_hits + status.cache_misses
     rate = f"{100.0 * status.cache_hits / lookups:.1f}%" if lookups else "-"

@@ -111,8 +111,8 @@ def test_services_and_dependencies(compose: dict[str, Any]) -> None:
     assert {name: d["condition"] for name, d in depends.items()} == {
         "redis": "service_healthy",
         "cloud": "service_healthy",
-        "edge": "service_healthy",
-    }
+    }  # not the edge: it registers itself once the router is up
+    assert "depends_on" not in services["edge"]  # it retries until the router answers
     assert services["router"]["ports"] == ["50051:50051", "8080:8080"]  # gRPC, OpenAI HTTP
     for name in ("cloud", "edge", "redis"):
         assert "ports" not in services[name], f"{name} should not be published"
@@ -185,13 +185,30 @@ def test_every_deploy_file_is_used_and_valid(compose: dict[str, Any]) -> None:
 def test_router_reaches_nodes_and_redis_by_service_name(compose: dict[str, Any]) -> None:
     router = load_config(settings_class("router"), ROOT / "deploy" / "router.yaml")
     assert router.cache.url == "redis://redis:6379/0"
+    assert router.cloud, "the router has no cloud node"
     for targets, role in ((router.edge, "edge"), (router.cloud, "cloud")):
-        assert targets, f"the router has no {role} node"
         node = load_config(settings_class(role), ROOT / "deploy" / f"{role}.yaml")
         _, node_port = split_address(node.listen)
         for target in targets:
             assert split_address(target.address) == (role, node_port)
             assert role in compose["services"]
+
+
+def test_the_edge_registers_with_the_router_by_service_name(compose: dict[str, Any]) -> None:
+    """The router lists no edge: the edge registers, advertising the address the
+    router dials inside the compose network, and the router keeps leases in Redis."""
+    router = load_config(settings_class("router"), ROOT / "deploy" / "router.yaml")
+    edge = load_config(settings_class("edge"), ROOT / "deploy" / "edge.yaml")
+    assert router.edge == [] and router.registry.enabled
+    assert router.registry_store == ("redis", "redis://redis:6379/0")
+    registration = edge.registration
+    assert registration is not None and registration.announce
+    _, router_port = split_address(router.listen)
+    assert split_address(registration.router) == ("router", router_port)
+    _, edge_port = split_address(edge.listen)
+    assert registration.advertise is not None
+    assert split_address(registration.advertise) == ("edge", edge_port)
+    assert registration.name not in {t.name for t in router.cloud}
 
 
 def test_router_publishes_the_openai_endpoint_it_serves(compose: dict[str, Any]) -> None:
