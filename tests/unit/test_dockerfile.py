@@ -114,6 +114,11 @@ def test_the_dockerfile_has_no_problems() -> None:
     assert problems(parse(DOCKERFILE)) == []
 
 
+def test_cloud_openai_image_has_its_http_client() -> None:
+    (extras,) = installed_extras(parse(DOCKERFILE).runs("cloud-openai"))
+    assert "httpx" in requirement_names(extras)
+
+
 def test_router_image_serves_http_too() -> None:
     dockerfile = parse(DOCKERFILE)
     exposed = " ".join(dockerfile.stages["router"].ops("EXPOSE")).split()
