@@ -1,6 +1,12 @@
-"""The learned combiner: logistic regression over the single-pass token signals.
+"""The learned combiner: logistic regression over the single-pass signals.
 
-Its score is a calibrated probability that the edge answer is right — fitted
+Its inputs (``features``) are the generation's token signals (log-probs,
+entropies), the same over the *answer span* (the tokens that do not merely
+restate the question: "The capital of Japan is **Tokyo**"), and the kind of
+question and answer (multiple choice, a number, prompt length), with the
+token signals also gated by that kind.
+
+The score is a calibrated probability that the edge answer is right — fitted
 (``fit_combiner``) on labelled evaluation items of one exact edge model variant
 (``BackendInfo.model``, e.g. ``smollm2-135m@b179c9523d0e/int8``), and stored as
 a small JSON file ``edge_node/calibration/<model slug>.json`` that the edge node
@@ -8,13 +14,14 @@ loads. Quantization changes the token signals, so every variant needs its own
 fit: ``CombinerEstimator.for_model`` refuses a file fitted for another model.
 
 The fit is L2-regularised logistic regression by Newton's method on standardised
-features (numpy only): a dozen features and a few hundred items need nothing more.
+features (numpy only): a few dozen features and a few hundred items need no more.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +32,26 @@ from tidegate.backend import Generation
 from tidegate.chat import FinishReason, GenerationRequest
 
 CALIBRATION_DIR = Path(__file__).with_name("calibration")
+_FLOOR = -20.0  # log-probs below this carry no more information (and exp underflows)
+
+# What a log-prob means depends on the kind of answer: a multiple-choice letter, a
+# number, or words. These features are also given gated by the answer's kind
+# (``…_x_mc``, ``…_x_num``: the feature where that kind applies, else 0), so one
+# logistic regression holds a slope per kind.
+_GATED = (
+    "mean_logprob",
+    "min_logprob",
+    "q10_logprob",
+    "first_logprob",
+    "mean_entropy",
+    "max_entropy",
+    "log_tokens",
+    "answer_min_logprob",
+    "answer_mean_logprob",
+    "copied_fraction",
+)
 FEATURES: tuple[str, ...] = (
+    # the generation's token signals
     "mean_logprob",
     "min_logprob",
     "q10_logprob",
@@ -34,18 +60,49 @@ FEATURES: tuple[str, ...] = (
     "max_entropy",
     "log_tokens",
     "truncated",
+    # the answer span: tokens that do not just restate the question
+    "answer_min_logprob",
+    "answer_mean_logprob",
+    "copied_fraction",
+    # the kind of question and answer
+    "log_prompt_tokens",
+    "multiple_choice",
+    "numeric_reply",
+    *(f"{name}_x_mc" for name in _GATED),
+    *(f"{name}_x_num" for name in _GATED),
 )
-_FLOOR = -20.0  # log-probs below this carry no more information (and exp underflows)
+_OPTION_LINE = re.compile(r"(?m)^\s*\(?[A-Z][.)]\s")
 
 
-def features(g: Generation) -> dict[str, float]:
+def _answer_span(g: Generation, question: str) -> tuple[list[int], int]:
+    """Indices of the answer's tokens (words not all found in the question), and how
+    many tokens merely restate the question. No answer tokens: every token counts."""
+    from tidegate.evaluation.scoring import normalize_words
+
+    asked = set(normalize_words(question))
+    span: list[int] = []
+    copied = 0
+    for i, text in enumerate(g.token_texts or [""] * len(g.logprobs)):
+        words = normalize_words(text)
+        if not words:
+            continue  # punctuation, whitespace: neither
+        if all(w in asked for w in words):
+            copied += 1
+        else:
+            span.append(i)
+    return span or list(range(len(g.logprobs))), copied
+
+
+def features(g: Generation, question: str = "") -> dict[str, float]:
     """The single-pass signals the combiner reads; all 0 for an empty generation."""
     if not g.logprobs:
         return dict.fromkeys(FEATURES, 0.0)
     lps = [max(_FLOOR, lp) for lp in g.logprobs]
     entropies = g.entropies if g.entropies is not None else [-lp for lp in lps]
     q10 = quantile([math.exp(lp) for lp in lps], 0.10)
-    return {
+    span, copied = _answer_span(g, question)
+    answer = [lps[i] for i in span]
+    f = {
         "mean_logprob": sum(lps) / len(lps),
         "min_logprob": min(lps),
         "q10_logprob": max(_FLOOR, math.log(q10)) if q10 > 0 else _FLOOR,
@@ -54,7 +111,22 @@ def features(g: Generation) -> dict[str, float]:
         "max_entropy": max(entropies),
         "log_tokens": math.log1p(len(lps)),
         "truncated": 1.0 if g.finish_reason is FinishReason.LENGTH else 0.0,
+        "answer_min_logprob": min(answer),
+        "answer_mean_logprob": sum(answer) / len(answer),
+        "copied_fraction": copied / len(lps),
+        "log_prompt_tokens": math.log1p(g.prompt_tokens),
+        "multiple_choice": 1.0 if len(_OPTION_LINE.findall(question)) >= 2 else 0.0,
+        "numeric_reply": 1.0 if re.search(r"\d", g.text) else 0.0,
     }
+    for name in _GATED:
+        f[f"{name}_x_mc"] = f[name] * f["multiple_choice"]
+        f[f"{name}_x_num"] = f[name] * f["numeric_reply"]
+    return f
+
+
+def question_of(request: GenerationRequest) -> str:
+    """The text the answer responds to: the last user message."""
+    return request.messages[-1].content if request.messages else ""
 
 
 def calibration_path(model: str, directory: Path = CALIBRATION_DIR) -> Path:
@@ -146,7 +218,7 @@ def fit_combiner(
     names: Sequence[str] = FEATURES,
     l2: float = 1.0,
 ) -> CombinerWeights:
-    """Fit on feature dicts (``features(g)``) and right/wrong labels."""
+    """Fit on feature dicts (``features(g, question)``) and right/wrong labels."""
     if len(samples) != len(labels) or not samples:
         raise ValueError("need as many labels as samples, and at least one")
     if all(labels) or not any(labels):
@@ -178,7 +250,7 @@ class CombinerEstimator:
     async def score(self, request: GenerationRequest, generation: Generation) -> float:
         if not generation.logprobs:
             return 0.0
-        return self.weights.probability(features(generation))
+        return self.weights.probability(features(generation, question_of(request)))
 
     @classmethod
     def load(cls, path: Path) -> CombinerEstimator:

@@ -209,6 +209,40 @@ def test_calibrate_dry_run_and_errors(tmp_path, capsys):
     assert run([*args, "--target-accuracy", "0.5", "--estimator", "seq_prob"]) == 2
 
 
+def test_calibrate_can_fit_the_combiner_first(tmp_path, capsys):
+    import math
+    import random
+
+    from edge_node.combiner import features
+    from tidegate.backend import Generation
+
+    rng = random.Random(3)
+    out = tmp_path / "eval"
+    out.mkdir()
+    with (out / "items.jsonl").open("w") as f:
+        for i in range(80):
+            mean_lp = -rng.random() * 3
+            g = Generation("x", [1, 2], [mean_lp, mean_lp], [0.5, 0.5], FinishReason.STOP, 9, "m")
+            right = rng.random() < math.exp(mean_lp)
+            record = rec(0.5, right, True, split="calib" if i % 2 else "test")
+            f.write(json.dumps(record | {"features": features(g, "q")}) + "\n")
+    (out / "metrics.json").write_text(json.dumps({"run": {"edge_model": "edge@abc/int8"}}))
+    policy = tmp_path / "router.yaml"
+    policy.write_text("policy:\n  min_confidence: 0.5\n")
+    weights = tmp_path / "w.json"
+    code = run(["calibrate", "--data", str(out / "items.jsonl"), "--fit-combiner",
+                "--combiner-file", str(weights), "--target-escalation", "0.3",
+                "--policy", str(policy), "--no-pin-estimator"])  # fmt: skip
+    assert code == 0
+    assert "combiner fitted on 40 items" in capsys.readouterr().out
+    assert json.loads(weights.read_text())["model"] == "edge@abc/int8"
+    settings = load_router_settings(policy)
+    assert settings.policy.estimator is None and settings.policy.min_confidence != 0.5
+    assert run(["calibrate", "--data", str(out / "items.jsonl"), "--fit-combiner",
+                "--estimator", "seq_prob", "--target-escalation", "0.3",
+                "--policy", str(policy)]) == 2  # fmt: skip
+
+
 # ---- the router refuses a threshold calibrated for another estimator --------------------------
 
 

@@ -45,6 +45,23 @@ def test_features_by_hand():
     assert features(gen([-1e9]))["min_logprob"] == -20.0  # floored
 
 
+def test_answer_span_and_kind_features():
+    texts = ["The", " capital", " of", " Japan", " is", " Tokyo", "."]
+    lps = [-0.1, -0.1, -0.1, -0.1, -0.2, -3.0, -0.05]
+    g = Generation("The capital of Japan is Tokyo.", list(range(7)), lps, [0.1] * 7,
+                   FinishReason.STOP, 30, "m", token_texts=texts)  # fmt: skip
+    f = features(g, "What is the capital of Japan?")
+    # "The" (an article) and "." are neither; capital/of/Japan/is restate the question.
+    assert f["copied_fraction"] == pytest.approx(4 / 7)
+    assert f["answer_min_logprob"] == f["answer_mean_logprob"] == -3.0
+    assert f["log_prompt_tokens"] == pytest.approx(math.log(31))
+    assert (f["multiple_choice"], f["numeric_reply"], f["min_logprob_x_mc"]) == (0.0, 0.0, 0.0)
+    mc = features(g, "Which one?\nA. Tokyo\nB. Kyoto\nAnswer with the letter.")
+    assert mc["multiple_choice"] == 1.0 and mc["min_logprob_x_mc"] == mc["min_logprob"] == -3.0
+    g.text = "It is 42."
+    assert features(g, "q")["numeric_reply"] == 1.0
+
+
 def test_fit_logistic_recovers_known_weights():
     rng = random.Random(7)
     rows, labels = [], []

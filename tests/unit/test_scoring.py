@@ -94,6 +94,9 @@ def test_text_lists_of_alternatives():
     assert is_correct(language, "French and Lingala")  # every item is accepted
     assert not is_correct(language, "French or English")
     assert is_correct(item("q", "Sarajevo"), "Bosnia and Herzegovina's capital is Sarajevo.")
+    europe = item("On which continent is Luxembourg?", "Europe")
+    clauses = "It is in Central Europe, bordering Croatia to the north, and Austria to the south."
+    assert is_correct(europe, clauses)  # clauses, not a list of alternatives
 
 
 def test_short_capitalised_answers_match_case_sensitively():
@@ -113,6 +116,8 @@ def test_short_capitalised_answers_match_case_sensitively():
         ("The answer is 2", "B"),  # the option text, no letter
         ("infinitely many", "C"),
         ("A. 1", "A"),  # the letter decides, even with the wrong option's text
+        ("A valid argument is B", "B"),  # "A valid": the article
+        ("A", "A"),
         ("B or C", None),
         ("A, B", None),
         ("I don't know", None),

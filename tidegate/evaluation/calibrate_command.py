@@ -27,15 +27,27 @@ def _is_items_file(path: Path) -> bool:
 
 
 def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str, Any]], str]:
-    """The items and the edge model identity: read, or evaluated now from a data file."""
+    """The items and the edge model identity: read, or evaluated now from a data file.
+
+    With ``--fit-combiner`` the combiner is fitted first on the calibration split
+    (the weights file the edge node loads) and the items are scored with it.
+    """
+    from tidegate.evaluation.fitting import edge_model_of, fit_from_items
     from tidegate.evaluation.runner import read_items
 
     if not args.data.is_file():
         raise ConfigError(f"--data {args.data} does not exist")
     if _is_items_file(args.data):
-        metrics = args.data.parent / "metrics.json"
-        model = json.loads(metrics.read_text())["run"]["edge_model"] if metrics.exists() else None
-        return read_items(args.data), model or "an unrecorded edge model"
+        records, model = read_items(args.data), edge_model_of(args.data)
+        if args.fit_combiner:
+            weights, _, summary = fit_from_items(
+                records, model, args.split, str(args.data), out=args.combiner_file
+            )
+            print(summary)
+            for r in records:  # the combiner reads only the recorded features
+                if r.get("features") and r.get("edge_correct") is not None:
+                    r["confidence"]["combiner"] = weights.probability(r["features"])
+        return records, model
     from cloud_node.settings import CloudSettings
     from edge_node.settings import EdgeSettings
     from tidegate.config import load_config
@@ -45,13 +57,22 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
     options = EvalOptions(
         data=args.data,
         out=out,
-        estimators=(estimator,),
+        estimators=None if estimator == "combiner" else (estimator,),
         edge=load_config(EdgeSettings, args.edge_config, env_prefix="TIDEGATE_EDGE"),
         cloud=load_config(CloudSettings, args.cloud_config, env_prefix="TIDEGATE_CLOUD"),
     )
     metrics = asyncio.run(evaluate(options))
-    print(f"evaluated {args.data} into {out}", file=sys.stderr)
-    return read_items(out / "items.jsonl"), metrics["run"]["edge_model"]
+    model = metrics["run"]["edge_model"]
+    if args.fit_combiner:
+        records = read_items(out / "items.jsonl")
+        configured = options.edge.estimator_options.combiner_file
+        path = args.combiner_file or (Path(configured) if configured else None)
+        _, _, summary = fit_from_items(records, model, args.split, str(out / "items.jsonl"),
+                                       out=path)  # fmt: skip
+        print(summary)
+        metrics = asyncio.run(evaluate(options))  # cached outputs, now with the combiner
+    print(f"evaluation of {args.data} in {out}", file=sys.stderr)
+    return read_items(out / "items.jsonl"), model
 
 
 def _pct(x: float) -> str:
@@ -117,7 +138,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     settings = load_router_settings(args.policy)
-    estimator = args.estimator or getattr(settings.policy, "estimator", None) or "combiner"
+    estimator = args.estimator or settings.policy.estimator or "combiner"
+    if args.fit_combiner and estimator != "combiner":
+        print("error: --fit-combiner calibrates the combiner; drop --estimator", file=sys.stderr)
+        return 2
     records, model = _evaluation(args, estimator)
     calib = [r for r in records if r.get("split") == args.split]
     if not calib:
@@ -146,7 +170,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         comment = _provenance(estimator, model, args, target, result, held)
         path: tuple[str | int, ...] = ("policy",) if key is None else ("rules", key)
         updates.append(ValueUpdate(path, "min_confidence", f"{result.threshold:.4g}", comment))
-    if "estimator" in type(settings.policy).model_fields:
+    if args.pin_estimator:
         updates.append(ValueUpdate(("policy",), "estimator", estimator))
     text = args.policy.read_text(encoding="utf-8")
     try:

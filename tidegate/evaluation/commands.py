@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
 from pathlib import Path
 
 COMMANDS = ("eval", "fit-combiner", "calibrate")
@@ -26,6 +24,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ev.add_argument("--out", required=True, type=Path, help="output folder")
     ev.add_argument("--split", help="only items with this split (e.g. calib, test)")
     ev.add_argument("--limit", type=int, help="only the first N items (after --split)")
+    ev.add_argument(
+        "--sample",
+        type=int,
+        help="N items spread evenly over the file (after --split): a cheaper run that keeps "
+        "every category's share",
+    )
     tiers = ev.add_mutually_exclusive_group()
     tiers.add_argument("--edge-only", action="store_true", help="skip the cloud model")
     tiers.add_argument(
@@ -61,7 +65,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 def _limit(value: int | None) -> int | None:
     if value is not None and value < 1:
-        raise SystemExit("error: --limit must be at least 1")
+        raise SystemExit("error: --limit and --sample must be at least 1")
     return value
 
 
@@ -77,6 +81,7 @@ async def _eval(args: argparse.Namespace) -> int:
         out=args.out,
         split=args.split,
         limit=_limit(args.limit),
+        sample=_limit(args.sample),
         edge_only=args.edge_only,
         cloud_only=args.cloud_only,
         estimators=tuple(n.strip() for n in args.estimators.split(",") if n.strip())
@@ -98,52 +103,14 @@ async def _eval(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from edge_node.combiner import calibration_path, fit_combiner
-    from tidegate.evaluation.metrics import auroc, ece
+    from tidegate.evaluation.fitting import edge_model_of, fit_from_items
     from tidegate.evaluation.runner import read_items
 
-    records = [
-        r for r in read_items(args.items) if r.get("features") and r["edge_correct"] is not None
-    ]
-    if args.split:
-        records = [r for r in records if r.get("split") == args.split]
-    if not records:
-        print(f"error: no edge items with split {args.split!r} in {args.items}", file=sys.stderr)
-        return 2
-    metrics_path = args.items.parent / "metrics.json"
-    model = (
-        json.loads(metrics_path.read_text())["run"]["edge_model"] if metrics_path.exists() else None
+    model = edge_model_of(args.items)
+    _, _, summary = fit_from_items(
+        read_items(args.items), model, args.split, str(args.items), args.l2, args.out
     )
-    if not model:
-        print(f"error: {metrics_path} does not name the edge model", file=sys.stderr)
-        return 2
-    import time
-
-    provenance = {
-        "items": str(args.items),
-        "split": args.split,
-        "n": len(records),
-        "right": sum(1 for r in records if r["edge_correct"]),
-        "l2": args.l2,
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "command": "tidegate fit-combiner " + " ".join(sys.argv[2:]),
-    }
-    weights = fit_combiner(
-        [r["features"] for r in records],
-        [bool(r["edge_correct"]) for r in records],
-        model,
-        provenance,
-        l2=args.l2,
-    )
-    scores = [weights.probability(r["features"]) for r in records]
-    labels = [bool(r["edge_correct"]) for r in records]
-    out = args.out or calibration_path(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(weights.to_json(), indent=2) + "\n")
-    print(
-        f"fitted on {len(records)} items ({provenance['right']} right): in-sample AUROC "
-        f"{auroc(scores, labels):.3f}, ECE {ece(scores, labels):.3f}; wrote {out}"
-    )
+    print(summary)
     return 0
 
 
@@ -180,6 +147,25 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     cal.add_argument("--estimator", help="default: the policy's policy.estimator, else combiner")
     cal.add_argument("--split", default="calib", help="calibrate on this split (default calib)")
     cal.add_argument("--dry-run", action="store_true", help="report, don't write the policy")
+    cal.add_argument(
+        "--fit-combiner",
+        action="store_true",
+        help="first fit the combiner's weights on --split (written where the edge node loads "
+        "them) and calibrate its threshold",
+    )
+    cal.add_argument(
+        "--combiner-file",
+        type=Path,
+        help="where --fit-combiner writes the weights (default: the edge config's "
+        "estimator_options.combiner_file, else edge_node/calibration/<model>.json)",
+    )
+    cal.add_argument(
+        "--pin-estimator",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write policy.estimator, so the router escalates scores from any other "
+        "estimator (default: on)",
+    )
     cal.add_argument("--out", type=Path, help="with a data file: where its evaluation goes")
     cal.add_argument("--edge-config", type=Path, help="with a data file: edge YAML")
     cal.add_argument("--cloud-config", type=Path, help="with a data file: cloud YAML")

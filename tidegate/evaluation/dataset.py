@@ -70,9 +70,14 @@ def _parse(raw: object, where: str) -> EvalItem:
 
 
 def load_items(
-    path: str | Path, split: str | None = None, limit: int | None = None
+    path: str | Path,
+    split: str | None = None,
+    limit: int | None = None,
+    sample: int | None = None,
 ) -> list[EvalItem]:
-    """Items of ``path`` (in file order), only ``split`` if given, the first ``limit``."""
+    """Items of ``path`` (in file order), only ``split`` if given, then ``sample``
+    items spread evenly over them (every n/sample-th: each category keeps its share
+    when the file is grouped by category), then the first ``limit``."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -97,6 +102,9 @@ def load_items(
         items = [item for item in items if item.split == split]
         if not items:
             raise ConfigError(f"{path} has no items with split {split!r}")
+    if sample is not None and sample < len(items):
+        step = len(items) / sample
+        items = [items[int(k * step)] for k in range(sample)]
     if limit is not None:
         items = items[:limit]
     return items

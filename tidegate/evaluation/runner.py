@@ -43,6 +43,7 @@ class EvalOptions:
     out: Path
     split: str | None = None
     limit: int | None = None
+    sample: int | None = None  # evenly spread subset (expensive estimators)
     edge_only: bool = False
     cloud_only: bool = False  # pre-fill the cloud cache (e.g. in the background)
     estimators: tuple[str, ...] | None = None  # None: the single-pass ones + combiner if fitted
@@ -128,7 +129,7 @@ async def _score_item(
             edge_correct=is_correct(item, generation.text),
             edge_finish=generation.finish_reason.name.lower(),
             edge_tokens=generation.completion_tokens,
-            features=features(generation),
+            features=features(generation, item.question),
         )
         record["latency_ms"]["edge"] = round(generation.generation_ms, 1)
         spent: dict[str, float] = {}
@@ -200,6 +201,7 @@ async def run_items(
         "data": str(options.data),
         "data_sha256": _sha256(options.data),
         "split": options.split,
+        "sample": options.sample,
         "items": len(records),
         "max_new_tokens": options.max_new_tokens,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -238,7 +240,7 @@ async def evaluate(
     from tidegate.evaluation.plot import plot_curves
     from tidegate.evaluation.report import build_metrics
 
-    items = load_items(options.data, options.split, options.limit)
+    items = load_items(options.data, options.split, options.limit, options.sample)
     records, identity = await run_items(options, items, edge_backend, cloud_backend)
     options.out.mkdir(parents=True, exist_ok=True)
     write_items(options.out / "items.jsonl", records)

@@ -11,7 +11,8 @@ the articles *a*, *an*, *the* dropped, number words → digits (``twenty-one`` �
 ``21``, ``eight`` → ``8``), whitespace collapsed.
 
 1. **Multiple choice** (the item has ``choices``): the first option letter that
-   stands alone (``B``, ``B.``, ``(B)``, ``Answer: B``) is the choice. Without a
+   stands alone (``B``, ``B.``, ``(B)``, ``Answer: B``; not the article in ``A
+   valid argument``) is the choice. Without a
    letter, the reply must contain exactly one option's text (longest wins when
    one option's text contains another's). A letter followed by ``or``/``/``/``,``
    and another letter (``A or C``) is a hedge: wrong.
@@ -27,7 +28,8 @@ the articles *a*, *an*, *the* dropped, number words → digits (``twenty-one`` �
    capital letter (element symbols ``He``, ``In``, codes ``XAF``) must match
    case-sensitively, since ``he`` and ``in`` are also English words. If the
    matched answer sits in a list of alternatives (``Americas, Africa, and Asia``;
-   ``Paris or Lyon``), every alternative must be an accepted answer.
+   ``Paris or Lyon``: items about as short as the answer), every alternative must
+   be an accepted answer.
 """
 
 from __future__ import annotations
@@ -120,7 +122,11 @@ def choose_option(reply: str, choices: dict[str, str]) -> str | None:
     letters = "".join(re.escape(k) for k in choices if len(k) == 1)
     if letters:
         pattern = _LETTER.replace("[A-Z]", f"[{letters}]")
-        first = re.search(pattern, reply)
+        # "A" followed by a lower-case word is the article ("A valid argument …").
+        matches = (
+            m for m in re.finditer(pattern, reply) if not re.match(r"A [a-z]", reply[m.start() :])
+        )
+        first = next(matches, None)
         if first is not None:
             rest = reply[first.end() :]
             if re.match(
@@ -250,8 +256,10 @@ def _list_alternatives(reply: str, answer: str) -> list[str] | None:
             words = norm_parts[hit[0]]
             if words[-len(target) :] == target or words[: len(target)] == target:
                 norm_parts[hit[0]] = target
-            # A list is short items, each at most a few words ("Paris", "North America").
-            short = [k for k, words in enumerate(norm_parts) if 0 < len(words) <= 3]
+            # A list is of short items, about as long as the answer ("Paris", "North
+            # America"); longer parts are clauses ("Hungary to the east").
+            longest = max(2, len(target) + 1)
+            short = [k for k, words in enumerate(norm_parts) if 0 < len(words) <= longest]
             if (
                 hit[0] in short
                 and len(short) >= 2

@@ -1,0 +1,168 @@
+"""`tidegate eval` → `fit-combiner` → `calibrate`, end to end with tiny models saved as folders.
+
+The edge and cloud "models" are random tiny Llamas on disk, loaded by the same
+code path as real ones (``model.source`` = a folder). Their answers are noise,
+so the labelled items are made from a first edge-only pass: half of them accept
+what the edge actually said (right), half accept nothing it could say (wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from router.settings import DEFAULT_POLICY_PATH, load_router_settings
+from tests.support.tiny_models import tiny_model_and_tokenizer
+from tidegate.cli import run
+from tidegate.evaluation.dataset import load_items
+from tidegate.evaluation.scoring import is_correct
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "What is 2 + 2?",
+    "Name a colour.",
+    "Which is larger, 3 or 4?",
+    "Hello, how are you?",
+    "What is the quick brown fox?",
+    "Say a number.",
+    "Write add(a, b).",
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval")
+    for role, seed in (("edge", 0), ("cloud", 1)):
+        folder = root / f"{role}-model"
+        model, tokenizer = tiny_model_and_tokenizer(seed)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (root / f"{role}.yaml").write_text(
+            f"model:\n  source: {folder}\n  quantization: none\n  cache_dir: {root / 'conv'}\n"
+        )
+    (root / "edge.yaml").write_text(
+        (root / "edge.yaml").read_text() + "estimator_options:\n  consistency_samples: 2\n"
+    )
+    probe = root / "probe.jsonl"
+    probe.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}", "question": q, "answers": ["zzz-never"]}) + "\n"
+            for i, q in enumerate(QUESTIONS)
+        )
+    )
+    assert run(["eval", *common(root), "--data", str(probe), "--out", str(root / "probe"),
+                "--edge-only"]) == 0  # fmt: skip
+    said = {r["id"]: r["edge_text"] for r in map(json.loads, (root / "probe/items.jsonl").open())}
+    with (root / "data.jsonl").open("w") as f:
+        for i, question in enumerate(QUESTIONS):
+            right = i % 2 == 0 and said[f"q{i}"].strip()
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"q{i}",
+                        "question": question,
+                        "answers": [said[f"q{i}"].strip()] if right else ["zzz-never"],
+                        "split": "calib" if i < 6 else "test",
+                        "category": "even" if i % 2 == 0 else "odd",
+                        "extra": "ignored",
+                    }
+                )
+                + "\n"
+            )
+    return root
+
+
+def common(root: Path) -> list[str]:
+    return [
+        "--edge-config", str(root / "edge.yaml"),
+        "--cloud-config", str(root / "cloud.yaml"),
+        "--cache-dir", str(root / "cache"),
+        "--max-new-tokens", "6",
+        "--no-progress",
+    ]  # fmt: skip
+
+
+def test_eval_as_a_user_runs_it(workdir):
+    out = workdir / "run1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tidegate", "eval", *common(workdir),
+         "--data", str(workdir / "data.jsonl"), "--out", str(out), "--limit", "6",
+         "--estimators", "seq_prob,min_prob,self_verify,consistency"],
+        capture_output=True, text=True, timeout=300, env={**os.environ},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "seq_prob" in proc.stdout and "cloud-only" in proc.stdout and "AUROC" in proc.stdout
+    records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(records) == 6  # --limit
+    items = {i.id: i for i in load_items(workdir / "data.jsonl")}
+    for r in records:
+        assert set(r["confidence"]) == {"seq_prob", "min_prob", "self_verify", "consistency"}
+        assert all(0.0 <= s <= 1.0 for s in r["confidence"].values())
+        assert r["edge_correct"] == is_correct(items[r["id"]], r["edge_text"])
+        assert r["cloud_correct"] == is_correct(items[r["id"]], r["cloud_text"])
+        assert r["latency_ms"]["edge"] > 0 and r["latency_ms"]["cloud"] > 0
+        assert "extra" not in r and r["tags"] == [items[r["id"]].category]
+    assert [r["edge_correct"] for r in records] == [True, False] * 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["edge_accuracy"] == 0.5 and metrics["items"] == 6
+    assert metrics["estimators"]["consistency"]["extra_cost"] == "2 extra generations"
+    for name in ("seq_prob", "min_prob", "self_verify", "consistency"):
+        entry = metrics["estimators"][name]
+        assert 0.0 <= entry["auroc"] <= 1.0 and entry["ece"] is not None
+        assert metrics["routing"][name][0]["escalated"] == 0.0
+        assert metrics["routing"][name][-1]["escalated"] == 1.0
+    assert metrics["run"]["edge_model"].endswith("/none")
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_rerun_comes_from_the_cache_and_edge_only_skips_the_cloud(workdir, capsys):
+    args = ["eval", *common(workdir), "--data", str(workdir / "data.jsonl")]
+    assert run([*args, "--out", str(workdir / "run2"), "--limit", "6"]) == 0
+    metrics = json.loads((workdir / "run2/metrics.json").read_text())
+    # The edge answers (and the cloud's) of run1 are reused: nothing is generated again.
+    assert metrics["run"]["cache"]["edge_hits"] >= 6 and metrics["run"]["cache"]["cloud_hits"] == 6
+    assert run([*args, "--out", str(workdir / "edge"), "--edge-only", "--split", "test"]) == 0
+    records = [json.loads(x) for x in (workdir / "edge/items.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["cloud_text"] is None for r in records)
+    assert not (workdir / "edge/curve.png").exists()
+
+
+def test_bad_data_fails_naming_the_line(workdir, capsys):
+    bad = workdir / "bad.jsonl"
+    bad.write_text('{"id": "a", "question": "q", "answers": ["x"]}\n{"id": "b", "question": "q"}\n')
+    code = run(["eval", *common(workdir), "--data", str(bad), "--out", str(workdir / "bad")])
+    assert code == 2
+    assert f"{bad}:2: 'answers' must be a non-empty list" in capsys.readouterr().err
+
+
+def test_fit_combiner_then_calibrate_a_policy(workdir, capsys):
+    args = ["eval", *common(workdir), "--data", str(workdir / "data.jsonl")]
+    assert run([*args, "--out", str(workdir / "all")]) == 0
+    weights = workdir / "weights.json"
+    items = workdir / "all/items.jsonl"
+    assert run(["fit-combiner", "--items", str(items), "--out", str(weights)]) == 0
+    fitted = json.loads(weights.read_text())
+    assert fitted["model"].startswith("edge-model@") and fitted["provenance"]["n"] == 6
+    # The combiner scores the next evaluation.
+    edge_yaml = workdir / "edge-combiner.yaml"
+    edge_yaml.write_text((workdir / "edge.yaml").read_text() + f"  combiner_file: {weights}\n")
+    assert run([*args, "--out", str(workdir / "with"), "--edge-config", str(edge_yaml),
+                "--estimators", "combiner,seq_prob"]) == 0  # fmt: skip
+    metrics = json.loads((workdir / "with/metrics.json").read_text())
+    assert metrics["estimators"]["combiner"]["ece"] is not None
+    capsys.readouterr()
+    policy = workdir / "router.yaml"
+    policy.write_text(DEFAULT_POLICY_PATH.read_text())
+    code = run(["calibrate", "--data", str(workdir / "with/items.jsonl"),
+                "--target-escalation", "0.5", "--policy", str(policy)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = capsys.readouterr().out
+    assert "policy.min_confidence" in report and "held out:" in report
+    settings = load_router_settings(policy)
+    assert settings.policy.estimator == "combiner"
+    assert f"combiner on edge model {fitted['model']}" in policy.read_text()
