@@ -40,8 +40,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from router import openai_errors as errors
 from router import openai_schema as schema
-from router.domain import Restart, RouteResult
+from router.domain import Restart, RouteRequest, RouteResult
 from router.pipeline import Pipeline
 from router.settings import HttpSettings
 from tidegate.errors import ConfigError, DeadlineExceeded, TidegateError
@@ -118,7 +119,7 @@ class OpenAIHttp:
             return self._error(exc)
         profile = schema.PROFILES.get(request.path_params["model"])
         if profile is None:
-            return self._send(schema.model_not_found(request.path_params["model"]))
+            return self._send(errors.model_not_found(request.path_params["model"], schema.PROFILES))
         return _json_response(self._model(profile))
 
     async def chat_completions(self, request: Request) -> Response:
@@ -132,7 +133,7 @@ class OpenAIHttp:
             if parsed.tidegate.tenant:
                 tenant = self._tenant(request, parsed.tidegate.tenant)
             if parsed.model not in schema.PROFILES:
-                return self._send(schema.model_not_found(parsed.model), ids)
+                return self._send(errors.model_not_found(parsed.model, schema.PROFILES), ids)
             route = schema.to_route_request(parsed, tenant, request_id)
             deadline = self._deadline(request)
             if parsed.stream:
@@ -149,7 +150,7 @@ class OpenAIHttp:
 
     async def _stream(
         self,
-        route: Any,
+        route: RouteRequest,
         model: str,
         include_usage: bool,
         deadline: float,
@@ -242,7 +243,7 @@ class OpenAIHttp:
             except ValueError:
                 asked = -1.0
             if not 0.0 < asked < float("inf"):
-                raise schema.BadRequest(
+                raise errors.BadRequest(
                     f"{TIMEOUT_HEADER} must be a positive number of seconds (got {raw!r})"
                 )
             timeout = min(timeout, asked)
@@ -253,13 +254,13 @@ class OpenAIHttp:
         async for part in request.stream():
             data += part
             if len(data) > self.max_body_bytes:
-                raise schema.BadRequest(
+                raise errors.BadRequest(
                     f"the request body is over {self.max_body_bytes} bytes (http.max_body_bytes)"
                 )
         try:
             return json.loads(bytes(data))
         except (ValueError, UnicodeDecodeError) as exc:
-            raise schema.BadRequest(f"the request body is not valid JSON: {exc}") from exc
+            raise errors.BadRequest(f"the request body is not valid JSON: {exc}") from exc
 
     def _past_deadline(self, exc: BaseException, deadline: float | None) -> BaseException:
         """Whatever failed once the deadline has passed failed because of it
@@ -278,20 +279,20 @@ class OpenAIHttp:
         return exc
 
     @staticmethod
-    def _http_error(exc: BaseException) -> schema.HttpError:
+    def _http_error(exc: BaseException) -> errors.HttpError:
         if isinstance(exc, TidegateError):
-            return schema.http_error(exc)
+            return errors.http_error(exc)
         log.exception("unexpected error while serving an HTTP request", exc_info=exc)
-        return schema.HttpError(
+        return errors.HttpError(
             500,
-            schema.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+            errors.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
         )
 
     def _error(self, exc: BaseException, headers: dict[str, str] | None = None) -> Response:
         return self._send(self._http_error(exc), headers)
 
     @staticmethod
-    def _send(error: schema.HttpError, headers: dict[str, str] | None = None) -> Response:
+    def _send(error: errors.HttpError, headers: dict[str, str] | None = None) -> Response:
         return _json_response(error.body, error.status, {**(headers or {}), **error.headers})
 
     async def _http_exception(self, request: Request, exc: Exception) -> Response:
@@ -301,7 +302,7 @@ class OpenAIHttp:
             405: f"{request.method} is not allowed on {request.url.path}",
         }.get(exc.status_code, str(exc.detail))
         return self._send(
-            schema.HttpError(exc.status_code, schema.error_body(message, "invalid_request_error"))
+            errors.HttpError(exc.status_code, errors.error_body(message, "invalid_request_error"))
         )
 
 

@@ -1,12 +1,12 @@
-"""OpenAI chat-completions JSON ↔ the router's domain types, and error bodies.
+"""OpenAI chat-completions JSON ↔ the router's domain types.
 
 Requests are parsed with pydantic into ``ChatCompletionRequest`` and turned
 into a ``RouteRequest``; the router's own validation (``tidegate.chat``) runs
 later in the pipeline, exactly as for gRPC, so both front doors accept and
 refuse the same things. What this module adds is what only HTTP has: the
 OpenAI field names, the features tidegate does not offer (refused with 400
-naming the field rather than silently dropped), the response and chunk shapes,
-and the mapping from a gRPC status to an HTTP status and error body.
+naming the field rather than silently dropped), and the response and chunk
+shapes. Errors: ``router.openai_errors``.
 
 Deviations from OpenAI, on purpose: ``temperature`` defaults to 0 (greedy, so
 repeated questions are cacheable) rather than 1; ``model`` names a routing
@@ -16,18 +16,15 @@ field of the body.
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from router.budgets import BudgetExceeded
 from router.domain import CacheControl, Restart, RouteRequest, RouteResult, Timings
+from router.openai_errors import BadRequest
 from tidegate.chat import ChatMessage, FinishReason, SamplingParams
-from tidegate.errors import InvalidArgument, TidegateError
 
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 
@@ -101,72 +98,42 @@ class ChatCompletionRequest(_Lenient):
     tidegate: TidegateOptions = Field(default_factory=TidegateOptions)
 
 
-def _refusal(name: str, value: Any) -> str | None:
-    """Why ``name: value`` cannot be honoured, or None when it is harmless.
-
-    Features tidegate's models do not offer are refused only when they would
-    change the answer: ``n: 1``, ``tools: []`` or ``logprobs: false`` pass.
-    """
-    if value is None or value is False or value == [] or value == {}:
-        return None
-    if name == "n":
-        return None if value == 1 else "n > 1 is not supported: ask once per completion"
-    if name in ("frequency_penalty", "presence_penalty"):
-        return None if value == 0 else f"{name} is not supported: leave it at 0"
-    if name in ("tools", "functions"):
-        return f"{name} (tool calling) is not supported by tidegate's models"
-    if name in ("tool_choice", "function_call"):
-        return None if value in ("none", "auto") else f"{name} needs tools: not supported"
-    if name == "response_format":
-        if isinstance(value, dict) and value.get("type") == "text":
-            return None
-        return "response_format other than text (JSON mode, schemas) is not supported"
-    if name in ("logprobs", "top_logprobs"):
-        return None if value == 0 else f"{name} is not returned by the router"
-    if name == "logit_bias":
-        return "logit_bias is not supported"
-    if name == "modalities":
-        return None if value == ["text"] else "only the text modality is supported"
-    if name in ("audio", "prediction", "web_search_options"):
-        return f"{name} is not supported"
-    return None
+def _unset(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {}
 
 
-UNSUPPORTED = (
-    "n",
-    "frequency_penalty",
-    "presence_penalty",
-    "tools",
-    "functions",
-    "tool_choice",
-    "function_call",
-    "response_format",
-    "logprobs",
-    "top_logprobs",
-    "logit_bias",
-    "modalities",
-    "audio",
-    "prediction",
-    "web_search_options",
-)
-
-
-class BadRequest(InvalidArgument):
-    """An INVALID_ARGUMENT that knows which request field it is about."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+# Features tidegate's models do not offer: (is this value harmless?, why not).
+# Refused only when they would change the answer: `n: 1`, `tools: []` and
+# `logprobs: false` pass, as clients often send them by default.
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v in (None, 1), "n > 1 is not supported: ask once per completion"),
+    "frequency_penalty": (lambda v: v in (None, 0), "frequency_penalty is not supported: use 0"),
+    "presence_penalty": (lambda v: v in (None, 0), "presence_penalty is not supported: use 0"),
+    "tools": (_unset, "tools (tool calling) is not supported by tidegate's models"),
+    "functions": (_unset, "functions (tool calling) is not supported by tidegate's models"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool_choice needs tools: unsupported"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "function_call is not supported"),
+    "response_format": (
+        lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+        "response_format other than text (JSON mode, schemas) is not supported",
+    ),
+    "logprobs": (_unset, "logprobs are not returned by the router"),
+    "top_logprobs": (lambda v: v in (None, 0), "top_logprobs are not returned by the router"),
+    "logit_bias": (_unset, "logit_bias is not supported"),
+    "modalities": (lambda v: v in (None, ["text"]), "only the text modality is supported"),
+    "audio": (_unset, "audio is not supported"),
+    "prediction": (_unset, "prediction is not supported"),
+    "web_search_options": (_unset, "web_search_options is not supported"),
+}
 
 
 def parse_request(body: Any) -> ChatCompletionRequest:
     """The parsed body; BadRequest naming the field when it is unusable."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    for name in UNSUPPORTED:
-        reason = _refusal(name, body.get(name))
-        if reason is not None:
-            raise BadRequest(reason, name)
+    for name, (harmless, why) in UNSUPPORTED.items():
+        if not harmless(body.get(name)):
+            raise BadRequest(why, name)
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
@@ -354,63 +321,3 @@ def chunk(
         else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         **extra,
     }
-
-
-# -- errors ------------------------------------------------------------------
-
-# gRPC status → (HTTP status, OpenAI error type, OpenAI error code)
-HTTP_FOR_STATUS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", None),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", None),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", None),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", None),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "requests", "resource_exhausted"),
-    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
-}
-
-
-@dataclass(frozen=True)
-class HttpError:
-    status: int
-    body: dict[str, Any]
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def error_body(
-    message: str, type_: str, code: str | None = None, param: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def http_error(exc: TidegateError) -> HttpError:
-    status, type_, code = HTTP_FOR_STATUS.get(exc.code, (500, "server_error", None))
-    headers: dict[str, str] = {}
-    if isinstance(exc, BudgetExceeded):
-        # OpenAI's rate-limit shape: clients back off by Retry-After; a window
-        # longer than a minute (the daily budget) is not worth retrying.
-        window = exc.window
-        type_, code = ("requests" if window.unit == "requests" else "tokens"), "rate_limit_exceeded"
-        # Windows are calendar-aligned on the router's clock (router.budgets).
-        headers["retry-after"] = str(
-            max(1, math.ceil(window.seconds - time.time() % window.seconds))
-        )
-        if window.seconds > 60:
-            headers["x-should-retry"] = "false"
-    param = exc.param if isinstance(exc, BadRequest) else None
-    return HttpError(status, error_body(str(exc), type_, code, param), headers)
-
-
-def model_not_found(model: str) -> HttpError:
-    names = ", ".join(PROFILES)
-    return HttpError(
-        404,
-        error_body(
-            f"The model `{model}` does not exist: tidegate serves the routing profiles {names}",
-            "invalid_request_error",
-            "model_not_found",
-            "model",
-        ),
-    )
