@@ -22,7 +22,10 @@ class Tier(enum.Enum):
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return _TIER_LABELS[self]  # a dict lookup: this runs per request (metrics, logs)
+
+
+_TIER_LABELS = {tier: tier.name.lower() for tier in Tier}
 
 
 class Escalation(enum.Enum):

@@ -38,7 +38,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from router.domain import RouteResult, Tier
+from router.domain import Escalation, RouteResult, Tier
 from router.settings import MetricsSettings
 from tidegate.errors import ConfigError, TidegateError
 
@@ -109,6 +109,7 @@ class RouterMetrics:
             ["rpc", "tier"], buckets=OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip
         self.collector: RouterCollector | None = None
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def watch(self, pipeline: Pipeline) -> None:
         """Also report the pipeline's state (cache, nodes, budgets) at scrape time."""
@@ -117,21 +118,31 @@ class RouterMetrics:
 
     # -- the pipeline calls these ------------------------------------------------
 
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: label values are bounded (the
+        tenant cap), and ``labels()`` validates and locks on every call."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def finished(self, rpc: str, tenant: str, result: RouteResult) -> None:
         tenant_label = self.tenant(tenant)
         tier = result.tier.label
-        self.requests.labels(rpc, tier, tenant_label).inc()
-        if result.escalation.name != "NONE" and result.tier is not Tier.CACHE:
-            self.escalations.labels(result.escalation.name.lower()).inc()
+        self._child(self.requests, rpc, tier, tenant_label).inc()
+        if result.escalation is not Escalation.NONE and result.tier is not Tier.CACHE:
+            self._child(self.escalations, result.escalation.name.lower()).inc()
         for flag in result.flags:
-            self.flags.labels(flag).inc()
+            self._child(self.flags, flag).inc()
         spent = result.tier is Tier.CLOUD and "coalesced" not in result.flags
         if spent:
-            self.cloud_tokens.labels(tenant_label, "prompt").inc(result.prompt_tokens)
-            self.cloud_tokens.labels(tenant_label, "completion").inc(result.completion_tokens)
+            self._child(self.cloud_tokens, tenant_label, "prompt").inc(result.prompt_tokens)
+            tokens = self._child(self.cloud_tokens, tenant_label, "completion")
+            tokens.inc(result.completion_tokens)
         timings = result.timings
-        self.duration.labels(rpc, tier).observe(timings.total_ms / 1000.0)
-        self.overhead.labels(rpc, tier).observe(timings.router_overhead_ms / 1000.0)
+        self._child(self.duration, rpc, tier).observe(timings.total_ms / 1000.0)
+        self._child(self.overhead, rpc, tier).observe(timings.router_overhead_ms / 1000.0)
 
     def failed(self, rpc: str, tenant: str, error: BaseException) -> None:
         code = error.code.name if isinstance(error, TidegateError) else "INTERNAL"

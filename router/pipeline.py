@@ -234,6 +234,8 @@ class Pipeline:
     def _finished(self, rpc: str, request: RouteRequest, result: RouteResult) -> None:
         if self.metrics is not None:
             self.metrics.finished(rpc, request.tenant, result)
+        if not log.isEnabledFor(logging.INFO):
+            return  # the access log is off: skip building its fields (the hot path)
         log.info(
             "%s answered by %s in %.1f ms (router %.2f ms)%s",
             rpc,
