@@ -6,8 +6,8 @@ Transport-agnostic API (``Budgets``), used by the pipeline for every front end:
     r = await budgets.reserve(tenant, prompt, new)   # before a cloud call; raises BudgetExceeded
     await budgets.settle(r, actual_tokens)           # after it (0 when the call failed)
 
-The expected cost of a cloud call (estimated prompt tokens + max_new_tokens)
-is reserved in every token window at once, atomically, BEFORE the call, and
+The expected cost of a cloud call (estimated prompt tokens, plus the chat
+template's overhead, plus max_new_tokens: ``Budgets.estimate``) is reserved in every token window at once, atomically, BEFORE the call, and
 the real usage replaces the reservation after it. So concurrent requests
 cannot overshoot a budget together: each one's worst case is already counted
 when the next one checks. The check-and-add is:
@@ -310,7 +310,9 @@ class Budgets:
 
     def estimate(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """The tokens reserved for a cloud call (see ``budgets.prompt_token_factor``)."""
-        return math.ceil(prompt_tokens * self.settings.prompt_token_factor) + max_new_tokens
+        settings = self.settings
+        prompt = math.ceil(prompt_tokens * settings.prompt_token_factor)
+        return prompt + settings.prompt_overhead_tokens + max_new_tokens
 
     async def reserve(
         self, tenant: str, prompt_tokens: int, max_new_tokens: int

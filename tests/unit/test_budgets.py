@@ -33,7 +33,7 @@ class Clock:
 
 
 def settings(**default: int) -> BudgetSettings:
-    return BudgetSettings.model_validate({"default": default})
+    return BudgetSettings.model_validate({"default": default, "prompt_overhead_tokens": 0})
 
 
 @pytest.fixture(params=["memory", "redis"])
