@@ -7,10 +7,11 @@ Transport-agnostic API (``Budgets``), used by the pipeline for every front end:
     await budgets.settle(r, actual_tokens)           # after it (0 when the call failed)
 
 The expected cost of a cloud call (estimated prompt tokens, plus the chat
-template's overhead, plus max_new_tokens: ``Budgets.estimate``) is reserved in every token window at once, atomically, BEFORE the call, and
-the real usage replaces the reservation after it. So concurrent requests
-cannot overshoot a budget together: each one's worst case is already counted
-when the next one checks. The check-and-add is:
+template's overhead, plus max_new_tokens: ``Budgets.estimate``) is reserved in
+every token window at once, atomically, BEFORE the call, and the real usage
+replaces the reservation after it. So concurrent requests cannot overshoot a
+budget together: each one's worst case is already counted when the next one
+checks. The check-and-add is:
 
 * in-process (``MemoryBudgetStore``): one critical section under a lock;
 * with Redis (``RedisBudgetStore``): ONE Lua script (EVALSHA), which Redis runs
