@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from contextlib import AsyncExitStack
@@ -169,3 +170,10 @@ async def test_cli_sends_the_api_key_from_the_flag_or_the_environment(keyed):
     assert code == 1 and "UNAUTHENTICATED" in err and "requires an API key" in err
     code, out, err = await _tidegate("hash-key", KEY_ACME)
     assert code == 0 and out.strip() == hash_key(KEY_ACME)
+    code, out, err = await _tidegate("status", "--router", router, "--json", env=env)
+    assert code == 1 and "UNAUTHENTICATED" in err
+    code, out, err = await _tidegate(
+        "status", "--router", router, "--json", "--api-key", KEY_ADMIN, env=env
+    )
+    assert code == 0, err
+    assert sorted(b["tenant"] for b in json.loads(out)["budgets"]) == ["acme", "globex"]
