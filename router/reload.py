@@ -8,10 +8,13 @@ the error (``last_reload_error``) until a later reload succeeds.
 
 A valid file replaces the parts that can change under running requests —
 ``policy``, ``rules``, ``tenants`` (keys), ``budgets`` (limits; usage so far is
-kept), ``retries`` and ``breaker`` — in one step: each request reads the
-settings it started with. Everything else (listen address, nodes, cache, TLS,
-the budget store, …) needs a restart; a reload that changes it says so in a
-warning and keeps the running values.
+kept), ``retries`` and ``breaker`` — in one synchronous step on the event loop
+(no request sees half a file). Requests that start afterwards use the new
+settings throughout; one already in flight uses them for the steps it has not
+taken yet (its plan — rule, threshold — was made with the old ones).
+Everything else (listen address, nodes, cache, TLS, the budget store, …) needs
+a restart; a reload that changes it says so in a warning and keeps the running
+values.
 """
 
 from __future__ import annotations
