@@ -74,6 +74,7 @@ class RegistryServicer(registry_pb2_grpc.EdgeRegistryServicer):
         self.settings = settings
         self.reserved_names = reserved_names  # config nodes' names
         self._token = token
+        self.redis_field = "registry.url"  # named when its Redis does not answer
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         if self._token is None:
@@ -157,7 +158,7 @@ class RegistryServicer(registry_pb2_grpc.EdgeRegistryServicer):
         try:
             await ping()
         except Exception as exc:  # noqa: BLE001 - any failure means "cannot use it"
-            raise ConfigError(f"registry (Redis): Redis did not answer ({exc})") from exc
+            raise ConfigError(f"{self.redis_field}: Redis did not answer ({exc})") from exc
 
     async def close(self) -> None:
         await self.directory.close()  # closes the store too
@@ -194,4 +195,8 @@ def build_registry(
             )
     store = open_registry(store_kind, url, settings.key_prefix, settings.ttl_s, settings.max_edges)
     directory = EdgeDirectory(edges, store, make_client, settings.refresh_interval_s)
-    return RegistryServicer(store, directory, settings, reserved_names, token)
+    servicer = RegistryServicer(store, directory, settings, reserved_names, token)
+    servicer.redis_field = (
+        f"registry.url {url}" if settings.url else f"cache.url {url} (the edge registry's Redis)"
+    )
+    return servicer

@@ -338,3 +338,24 @@ async def test_router_replicas_share_the_registry_through_redis(cluster, cloud):
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+async def test_a_registry_redis_that_does_not_answer_fails_the_startup(cloud):
+    import socket
+
+    from tidegate.errors import ConfigError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    settings = RouterSettings.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "http": {"enabled": False},
+            "edge": [],
+            "cloud": [{"address": cloud.address}],
+            "registry": {"url": closed},
+        }
+    )
+    with pytest.raises(ConfigError, match=f"registry.url {closed}: Redis did not answer"):
+        await serve_router(settings)
