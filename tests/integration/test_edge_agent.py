@@ -311,3 +311,28 @@ async def test_misconfigured_agents_fail_at_startup(monkeypatch):
     with pytest.raises(ConfigError, match="register.token_env"):
         await serve_edge(tokenless, backend)
     await backend.close()
+
+
+async def test_the_apps_api_key_reaches_the_router(device, cloud):
+    """The router authenticates tenants: the app's key travels through the agent,
+    and a missing key is the router's UNAUTHENTICATED, not an offline answer."""
+    from router.auth import hash_key
+
+    key = "tg_device-test-key-0123456789abcdef"
+    await device.start_agent()
+    await device.start_router(
+        cloud.address, tenants=[{"name": "phone", "api_key_hashes": [hash_key(key)]}]
+    )
+
+    async def reachable() -> bool:
+        return device.agent.agent.state.reachable
+
+    await eventually(reachable)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await device.ask()
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    request = build_request("Who am I?", min_confidence=0.0)
+    answer = await device.app.Generate(
+        request, timeout=30, metadata=(("authorization", f"Bearer {key}"),)
+    )
+    assert answer.policy_version == "device-test" and "offline" not in answer.flags
