@@ -336,3 +336,74 @@ async def test_the_apps_api_key_reaches_the_router(device, cloud):
         request, timeout=30, metadata=(("authorization", f"Bearer {key}"),)
     )
     assert answer.policy_version == "device-test" and "offline" not in answer.flags
+
+
+async def test_tidegate_edge_serve_register_as_a_user_runs_it(cloud, tmp_path):
+    """The real CLI in its own process: offline first, registered once the router
+    is up, and deregistered by SIGTERM."""
+    import signal
+    import sys
+
+    from tests.support.tiny_models import tiny_model_and_tokenizer
+
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = tmp_path / "edge.yaml"
+    config.write_text(
+        "listen: 127.0.0.1:0\n"
+        "default_max_new_tokens: 8\n"
+        f"model: {{source: {tmp_path / 'model'}, quantization: none, cache_dir: {tmp_path}}}\n"
+        "register: {backoff_initial_s: 0.05, backoff_max_s: 0.2}\n"
+    )
+    router_address = free_address()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tidegate",
+        "edge",
+        "serve",
+        "--config",
+        str(config),
+        "--register",
+        router_address,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    router: RouterServer | None = None
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 120)).decode()
+        assert line.startswith("tidegate edge serving on 127.0.0.1:"), line
+        agent_address = line.split()[-1]
+        async with grpc.aio.insecure_channel(agent_address) as channel:
+            app = router_pb2_grpc.RouterStub(channel)
+            offline = await app.Generate(build_request("Hi", min_confidence=0.0), timeout=30)
+            assert list(offline.flags) == ["offline"]
+            router = await serve_router(
+                RouterSettings.model_validate(
+                    {
+                        "listen": router_address,
+                        "http": {"enabled": False},
+                        "edge": [],
+                        "cloud": [{"address": cloud.address}],
+                        "registry": {**FAST_REGISTRY, "ttl_s": 60},  # only Deregister drops it
+                    }
+                )
+            )
+            async with grpc.aio.insecure_channel(router_address) as router_channel:
+                stub = router_pb2_grpc.RouterStub(router_channel)
+
+                async def listed() -> bool:
+                    return await registered_names(stub) == {agent_address}
+
+                await eventually(listed)
+                process.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(process.wait(), 30) == 0
+                assert await registered_names(stub) == set()  # deregistered on the way out
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        if router is not None:
+            await router.stop(0)
