@@ -347,8 +347,20 @@ class HttpServer:
 def _bind(listen: str) -> socket.socket:
     host, port = split_address(listen)
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0]
+        # proto must say TCP: asyncio turns Nagle off (TCP_NODELAY) only on
+        # sockets that do, and with Nagle on, a response written as headers
+        # then body waits ~40 ms for the client's delayed ACK.
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
     except OSError as exc:
         raise ConfigError(
             f"http.listen {listen}: cannot listen there ({exc}); choose another port "

@@ -671,3 +671,45 @@ async def test_https_and_mutual_tls_with_the_routers_certificate(stack, tmp_path
     with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectError)):
         async with httpx.AsyncClient(base_url=plain) as http:
             await http.get("/health")
+
+
+# -- the server itself -----------------------------------------------------------------
+
+
+async def test_connections_have_nagle_off(duo, stack):
+    """A response goes out as headers then body: with Nagle's algorithm on, the
+    body waits for the client's delayed ACK (~40 ms a request, measured by
+    bench/openai_http.py before this was fixed)."""
+    import socket
+
+    base, _, _ = duo
+    async with httpx.AsyncClient(base_url=base) as http:
+        assert (await http.get("/health")).status_code == 200
+        connections = stack.server.http.server.server_state.connections
+        assert connections
+        for connection in connections:
+            sock = connection.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+async def test_a_busy_http_port_fails_startup_naming_the_field(stack):
+    import socket
+
+    from tidegate.errors import ConfigError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = RouterSettings.model_validate(
+            {
+                "listen": "127.0.0.1:0",
+                "http": {"listen": f"127.0.0.1:{port}"},
+                "metrics": {"enabled": False},
+                "registry": {"enabled": False},
+                "edge": [],
+                "cloud": [{"address": closed_port_address()}],
+            }
+        )
+        with pytest.raises(ConfigError, match=rf"http.listen 127.0.0.1:{port}: cannot listen"):
+            await serve_router(settings)
