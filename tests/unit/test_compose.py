@@ -113,7 +113,8 @@ def test_services_and_dependencies(compose: dict[str, Any]) -> None:
         "cloud": "service_healthy",
     }  # not the edge: it registers itself once the router is up
     assert "depends_on" not in services["edge"]  # it retries until the router answers
-    assert services["router"]["ports"] == ["50051:50051", "8080:8080"]  # gRPC, OpenAI HTTP
+    # gRPC, OpenAI HTTP, Prometheus metrics
+    assert services["router"]["ports"] == ["50051:50051", "8080:8080", "9464:9464"]
     for name in ("cloud", "edge", "redis"):
         assert "ports" not in services[name], f"{name} should not be published"
 
@@ -216,6 +217,14 @@ def test_router_publishes_the_openai_endpoint_it_serves(compose: dict[str, Any])
     assert router.http.enabled
     host, port = split_address(router.http.listen)
     assert host == "0.0.0.0", "inside the container HTTP must listen on all interfaces"
+    assert f"{port}:{port}" in compose["services"]["router"]["ports"]
+
+
+def test_router_publishes_its_metrics(compose: dict[str, Any]) -> None:
+    router = load_config(settings_class("router"), ROOT / "deploy" / "router.yaml")
+    assert router.metrics.enabled
+    assert router.metrics.host == "0.0.0.0", "inside the container metrics must bind all interfaces"
+    port = router.metrics.port
     assert f"{port}:{port}" in compose["services"]["router"]["ports"]
 
 
