@@ -24,9 +24,10 @@ class EstimatorSettings(StrictModel):
     """combiner: the fitted weights (JSON); default
     ``edge_node/calibration/<model identity>.json``, shipped for the default edge model."""
 
-    combiner_fallback: Literal["seq_prob", "min_prob", "quantile_prob", "mean_entropy"] = "min_prob"
+    combiner_fallback: Literal["seq_prob", "min_prob", "quantile_prob", "mean_entropy"] = "seq_prob"
     """combiner: the single-pass estimator served instead when no weights exist for the
-    loaded model and ``combiner_file`` is unset (a warning is logged; answers carry its name)."""
+    loaded model and ``combiner_file`` is unset (a warning is logged; answers carry its
+    name, so a router whose policy.estimator is ``combiner`` escalates them)."""
 
 
 class EdgeSettings(StrictModel):
@@ -38,7 +39,7 @@ class EdgeSettings(StrictModel):
     model: ModelSettings = ModelSettings(source="smollm2-135m", quantization="int8")
     """The local model: a bundled name, Hugging Face id, folder or .gguf path."""
 
-    estimator: str = "seq_prob"
+    estimator: str = "combiner"
     """Confidence estimator whose score travels with every answer: single-pass
     seq_prob | min_prob | quantile_prob | mean_entropy | combiner (fitted weights
     for this exact model, see README "Confidence"), or consistency (k extra

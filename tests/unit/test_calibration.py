@@ -124,7 +124,12 @@ rules:
 
 def test_only_the_value_changes_and_comments_stay():
     new = apply_updates(POLICY_YAML, [ValueUpdate(("policy",), "min_confidence", "0.4375")])
-    assert new == POLICY_YAML.replace("min_confidence: 0.5 ", "min_confidence: 0.4375 ")
+    # The trailing comment keeps its column.
+    assert new == POLICY_YAML.replace("min_confidence: 0.5    ", "min_confidence: 0.4375 ")
+    tight = "policy:\n  min_confidence: 0.5 # c\n"
+    assert apply_updates(tight, [ValueUpdate(("policy",), "min_confidence", "0.25")]) == (
+        "policy:\n  min_confidence: 0.25 # c\n"
+    )
 
 
 def test_provenance_block_is_written_and_replaced():

@@ -159,7 +159,7 @@ def test_registry_rejects_unknown_names(backend):
 def test_combiner_without_weights_falls_back_with_a_warning(backend, caplog):
     with caplog.at_level(logging.WARNING):
         estimator = edge_estimator("combiner", backend, EstimatorSettings())
-    assert estimator.name == "min_prob"  # answers carry the estimator actually used
+    assert estimator.name == "seq_prob"  # answers carry the estimator actually used
     assert "no combiner weights for edge model tiny-llama-s0@tiny/none" in caplog.text
 
 

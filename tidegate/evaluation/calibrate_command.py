@@ -26,28 +26,29 @@ def _is_items_file(path: Path) -> bool:
     return False
 
 
-def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str, Any]], str]:
-    """The items and the edge model identity: read, or evaluated now from a data file.
+def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str, Any]], str, str]:
+    """The items, the edge model identity and the data they come from: read, or
+    evaluated now from a data file.
 
     With ``--fit-combiner`` the combiner is fitted first on the calibration split
     (the weights file the edge node loads) and the items are scored with it.
     """
-    from tidegate.evaluation.fitting import edge_model_of, fit_from_items
+    from tidegate.evaluation.fitting import data_of, edge_model_of, fit_from_items
     from tidegate.evaluation.runner import read_items
 
     if not args.data.is_file():
         raise ConfigError(f"--data {args.data} does not exist")
     if _is_items_file(args.data):
-        records, model = read_items(args.data), edge_model_of(args.data)
+        records, model, source = read_items(args.data), edge_model_of(args.data), data_of(args.data)
         if args.fit_combiner:
             weights, _, summary = fit_from_items(
-                records, model, args.split, str(args.data), out=args.combiner_file
+                records, model, args.split, source, out=args.combiner_file
             )
             print(summary)
             for r in records:  # the combiner reads only the recorded features
                 if r.get("features") and r.get("edge_correct") is not None:
                     r["confidence"]["combiner"] = weights.probability(r["features"])
-        return records, model
+        return records, model, source
     from cloud_node.settings import CloudSettings
     from edge_node.settings import EdgeSettings
     from tidegate.config import load_config
@@ -67,12 +68,12 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
         records = read_items(out / "items.jsonl")
         configured = options.edge.estimator_options.combiner_file
         path = args.combiner_file or (Path(configured) if configured else None)
-        _, _, summary = fit_from_items(records, model, args.split, str(out / "items.jsonl"),
+        _, _, summary = fit_from_items(records, model, args.split, data_of(out / "items.jsonl"),
                                        out=path)  # fmt: skip
         print(summary)
         metrics = asyncio.run(evaluate(options))  # cached outputs, now with the combiner
     print(f"evaluation of {args.data} in {out}", file=sys.stderr)
-    return read_items(out / "items.jsonl"), model
+    return read_items(out / "items.jsonl"), model, data_of(out / "items.jsonl")
 
 
 def _pct(x: float) -> str:
@@ -82,7 +83,8 @@ def _pct(x: float) -> str:
 def _provenance(
     estimator: str,
     model: str,
-    args: argparse.Namespace,
+    source: str,
+    split: str,
     target: Target,
     result: Calibration,
     held: tuple[float, float, int] | None,
@@ -90,7 +92,7 @@ def _provenance(
     lines = [
         f"{time.strftime('%Y-%m-%d', time.gmtime())} by `tidegate calibrate`, estimator "
         f"{estimator} on edge model {model}",
-        f"data {args.data} split {args.split} ({result.items} items), target {target.describe()}"
+        f"data {source} split {split} ({result.items} items), target {target.describe()}"
         + ("" if result.reached else " (NOT reached: closest point)"),
         f"expected: {_pct(result.escalated)} escalated, routed accuracy {_pct(result.accuracy)} "
         f"(edge only {_pct(result.edge_accuracy)}, cloud only {_pct(result.cloud_accuracy)})",
@@ -142,7 +144,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.fit_combiner and estimator != "combiner":
         print("error: --fit-combiner calibrates the combiner; drop --estimator", file=sys.stderr)
         return 2
-    records, model = _evaluation(args, estimator)
+    records, model, source = _evaluation(args, estimator)
     calib = [r for r in records if r.get("split") == args.split]
     if not calib:
         print(f"error: no items with split {args.split!r} in {args.data}", file=sys.stderr)
@@ -167,7 +169,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         if held_groups.get(key):
             held = replay(held_groups[key], estimator, result.threshold)
         print(_report(name, result, held))
-        comment = _provenance(estimator, model, args, target, result, held)
+        comment = _provenance(estimator, model, source, args.split, target, result, held)
         path: tuple[str | int, ...] = ("policy",) if key is None else ("rules", key)
         updates.append(ValueUpdate(path, "min_confidence", f"{result.threshold:.4g}", comment))
     if args.pin_estimator:

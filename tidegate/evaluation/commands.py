@@ -103,12 +103,12 @@ async def _eval(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from tidegate.evaluation.fitting import edge_model_of, fit_from_items
+    from tidegate.evaluation.fitting import data_of, edge_model_of, fit_from_items
     from tidegate.evaluation.runner import read_items
 
     model = edge_model_of(args.items)
     _, _, summary = fit_from_items(
-        read_items(args.items), model, args.split, str(args.items), args.l2, args.out
+        read_items(args.items), model, args.split, data_of(args.items), args.l2, args.out
     )
     print(summary)
     return 0

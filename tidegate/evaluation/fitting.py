@@ -21,6 +21,16 @@ def edge_model_of(items_path: Path) -> str:
     return str(model)
 
 
+def data_of(items_path: Path) -> str:
+    """The data file an items.jsonl was evaluated from, with its sha256 prefix (provenance)."""
+    metrics = items_path.parent / "metrics.json"
+    run = json.loads(metrics.read_text()).get("run", {}) if metrics.exists() else {}
+    if not run.get("data"):
+        return str(items_path)
+    digest = str(run.get("data_sha256") or "")[:12]
+    return f"{run['data']}" + (f" (sha256 {digest})" if digest else "")
+
+
 def fit_from_items(
     records: Sequence[Mapping[str, Any]],
     model: str,

@@ -101,7 +101,12 @@ def apply_updates(text: str, updates: Sequence[ValueUpdate]) -> str:
             match = _TOKEN.match(line, col)
             if match is None:
                 raise ValueError(f"{update.key}: no value found on line {value_line + 1}")
-            lines[value_line] = line[: match.start()] + update.value + line[match.end() :]
+            rest = line[match.end() :]
+            gap = re.match(r"( +)#", rest)
+            if gap:  # keep a trailing comment in its column when the new value allows
+                width = max(1, len(gap.group(1)) - (len(update.value) - len(match.group(0))))
+                rest = " " * width + rest[len(gap.group(1)) :]
+            lines[value_line] = line[: match.start()] + update.value + rest
         else:
             first = next(iter(node))
             key_line, col = node.lc.key(first)
