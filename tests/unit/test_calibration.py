@@ -199,7 +199,34 @@ def test_calibrate_command_updates_the_default_policy_keeping_the_rest(tmp_path,
     assert "edge@abc/int8" in new and "held out (6 items)" in new
     # Every original line is still there (only min_confidence's value differs).
     changed = [line for line in original.splitlines() if line not in new.splitlines()]
+    changed = [line for line in changed if not line.strip().startswith("# calibrated:")]
     assert len(changed) <= 1 and all("min_confidence:" in line for line in changed)
+
+
+def test_calibrate_command_calibrates_each_rule_on_its_tagged_items(tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    # Untagged items: the RECORDS pattern; "math" items: the edge right only above 0.7.
+    math_items = [rec(s / 10, s >= 7, True, tags=["arithmetic"]) for s in range(1, 10)]
+    records = [dict(r, split=split) for split in ("calib", "test") for r in RECORDS + math_items]
+    (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "metrics.json").write_text(json.dumps({"run": {"edge_model": "edge@abc/int8"}}))
+    policy = tmp_path / "router.yaml"
+    policy.write_text(
+        "policy:\n  min_confidence: 0.5\nrules:\n  - name: math  # sums\n"
+        "    tags: [arithmetic]\n    min_confidence: 0.1\n"
+    )
+    code = run(["calibrate", "--data", str(out / "items.jsonl"), "--target-accuracy", "1.0",
+                "--policy", str(policy)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = capsys.readouterr().out
+    assert "rules[math]" in report and "policy.min_confidence" in report
+    settings = load_router_settings(policy)
+    assert settings.rules[0].min_confidence == pytest.approx(0.65)  # between 0.6 and 0.7
+    # The untagged items: 1.0 is out of reach, so the most accurate point (escalate 0.1, 0.2).
+    assert settings.policy.min_confidence == pytest.approx(0.25)
+    assert "NOT reached" in report
+    assert "  - name: math  # sums\n" in policy.read_text()
 
 
 def test_calibrate_dry_run_and_errors(tmp_path, capsys):

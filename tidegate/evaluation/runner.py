@@ -214,6 +214,17 @@ async def run_items(
     return records, identity
 
 
+def rounded(value: Any, digits: int = 5) -> Any:
+    """``value`` with every float rounded (metrics.json stays small and diffable)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -245,7 +256,7 @@ async def evaluate(
     options.out.mkdir(parents=True, exist_ok=True)
     write_items(options.out / "items.jsonl", records)
     metrics = build_metrics(records, identity)
-    (options.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (options.out / "metrics.json").write_text(json.dumps(rounded(metrics), indent=1) + "\n")
     if metrics.get("routing"):
         plot_curves(metrics, options.out / "curve.png")
     return metrics
