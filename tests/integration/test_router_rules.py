@@ -50,6 +50,7 @@ async def ruled():
             [cloud_server.address],
             rules=RULES,
             cache={"url": REDIS_URL, "key_prefix": prefix, "ttl_s": 60},
+            policy={"min_confidence": 0.5},  # not the shipped (calibrated) default
         )
 
         async def keys() -> list[bytes]:
