@@ -81,9 +81,14 @@ async def test_identical_streams_and_a_unary_request_share_one_model_call(stack)
     def request() -> router_pb2.GenerateRequest:  # the same question, its own request id
         return ask(min_confidence=1.0, tenant="flight")
 
+    async def unary_after_the_streams() -> router_pb2.GenerateResponse:
+        # A stream leads the flight (a unary leader has no deltas to share: its
+        # stream followers would get the answer as one delta).
+        await asyncio.sleep(0.1)
+        return await stack.stub.Generate(request(), timeout=30)
+
     streams = [collect(stack.stub.GenerateStream(request(), timeout=30)) for _ in range(3)]
-    unary = stack.stub.Generate(request(), timeout=30)
-    *streamed, single = await asyncio.gather(*streams, unary)
+    *streamed, single = await asyncio.gather(*streams, unary_after_the_streams())
     assert (edge.calls, cloud.calls) == (1, 1)
     texts = {final.text for _, final in streamed} | {single.text}
     assert len(texts) == 1 and texts.pop()
@@ -93,6 +98,28 @@ async def test_identical_streams_and_a_unary_request_share_one_model_call(stack)
     finals = [final for _, final in streamed] + [single]
     assert sum("coalesced" not in f.flags for f in finals) == 1  # one leader
     assert len({f.request_id for f in finals}) == 4  # each keeps its own request id
+
+
+async def test_a_stream_joining_a_unary_flight_gets_the_answer_as_one_delta(stack):
+    edge = CountingBackend(tiny_backend(seed=0), delay_s=0.5)
+    cloud = CountingBackend(cloud_backend())
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router([edge_server.address], [cloud_server.address])
+
+    async def stream_after_the_unary() -> tuple:  # type: ignore[type-arg]
+        await asyncio.sleep(0.1)
+        return await collect(
+            stack.stub.GenerateStream(ask(min_confidence=1.0, tenant="u"), timeout=30)
+        )
+
+    unary, (events, final) = await asyncio.gather(
+        stack.stub.Generate(ask(min_confidence=1.0, tenant="u"), timeout=30),
+        stream_after_the_unary(),
+    )
+    assert (edge.calls, cloud.calls) == (1, 1)
+    assert events == [unary.text] and final.text == unary.text
+    assert "coalesced" in final.flags and "coalesced" not in unary.flags
 
 
 async def test_a_stream_joining_late_still_receives_every_delta(stack):
