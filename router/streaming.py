@@ -36,11 +36,12 @@ from typing import TYPE_CHECKING
 from router import provenance
 from router.budgets import BudgetExceeded
 from router.domain import Escalation, NodeAnswer, Restart, RouteResult, Tier
+from router.failover import edge_deadline
 from router.nodes import NodeClient, NodeRejected, NodeUnavailable, node_request
 from router.plan import Plan
 from router.policy import Decision, EdgeSignal, judge_edge, pre_route
 from router.provenance import Stopwatch
-from tidegate.errors import Unavailable
+from tidegate.errors import DeadlineExceeded, Unavailable
 
 if TYPE_CHECKING:
     from router.pipeline import EdgeOutcome, Pipeline
@@ -118,12 +119,18 @@ class StreamRoute:
         if skip is not None:
             self.edge = EdgeOutcome(skip, None)
             return
+        # As in unary calls: leave the cloud its expected time, or skip the edge.
+        now = asyncio.get_running_loop().time()
+        edge_by, too_late = edge_deadline(now, self.deadline, p.edges, p.clouds, True)
+        if too_late:
+            self.edge = EdgeOutcome(Decision.escalate(Escalation.DEADLINE, too_late), None)
+            return
         failures: list[str] = []
         for node in p.candidate_edges():
             answer: NodeAnswer | None = None
             started = time.perf_counter()
             try:
-                chunks = node.stream(self._request(), self.deadline)
+                chunks = node.stream(self._request(), edge_by)
                 async for item in idle_guarded(node, chunks, self.idle_s):
                     if isinstance(item, NodeAnswer):
                         answer = item
@@ -137,6 +144,9 @@ class StreamRoute:
                 if self.edge_sent:
                     break  # its text reached the client: restart, and let the cloud answer
                 continue
+            except DeadlineExceeded as exc:  # the edge's share of the deadline is used up
+                failures.append(str(exc))
+                break
             except NodeRejected as exc:
                 self.edge = EdgeOutcome(edge_rejected(exc), None)
                 return
