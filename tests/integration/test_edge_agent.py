@@ -86,6 +86,7 @@ class Device:
         data = {
             "listen": self.router_address,
             "http": {"enabled": False},
+            "metrics": {"enabled": False},  # not the shared default port 9464
             "edge": [],
             "cloud": [{"name": "cloud", "address": cloud_address}],
             "policy": {
@@ -385,6 +386,7 @@ async def test_tidegate_edge_serve_register_as_a_user_runs_it(cloud, tmp_path):
                     {
                         "listen": router_address,
                         "http": {"enabled": False},
+                        "metrics": {"enabled": False},  # not the shared default port 9464
                         "edge": [],
                         "cloud": [{"address": cloud.address}],
                         "registry": {**FAST_REGISTRY, "ttl_s": 60},  # only Deregister drops it

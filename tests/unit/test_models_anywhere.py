@@ -302,6 +302,7 @@ async def test_edge_and_cloud_nodes_serve_models_named_by_config(tiny_gguf, refe
             {
                 "listen": "127.0.0.1:0",
                 "http": {"enabled": False},
+                "metrics": {"enabled": False},  # not the shared default port 9464
                 "edge": [{"address": edge.address}],
                 "cloud": [{"address": cloud.address}],
                 "policy": {"default_max_new_tokens": 6, "escalate_truncated": False},
