@@ -117,11 +117,29 @@ def _with_registration(settings, router: str | None, advertise: str | None):  # 
 # ------------------------------------------------------------------ up -----
 
 
-async def start_local_stack(config_dir: str | None = None, log=print):  # type: ignore[no-untyped-def]
+def _local_router_settings(settings, *, edge, cloud, overrides):  # type: ignore[no-untyped-def]
+    """``settings`` aimed at the nodes this process started, plus ``overrides``."""
+    from router.settings import RouterSettings
+    from tidegate.config import merge_dicts
+
+    data = settings.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    if edge is not None:
+        data["edge"] = [{"name": "edge", "address": edge}]
+    if cloud is not None:
+        data["cloud"] = [{"name": "cloud", "address": cloud}]
+    return RouterSettings.model_validate(merge_dicts(data, overrides))
+
+
+async def start_local_stack(  # type: ignore[no-untyped-def]
+    config_dir: str | None = None, log=print, router_overrides: dict | None = None
+):
     """Start cloud, edge and router in this process (the `tidegate up` topology).
 
     Returns the running servers, router last. Config files `cloud.yaml`,
     `edge.yaml` and `router.yaml` in ``config_dir`` override the defaults.
+    Without a `router.yaml`, the router is pointed at the nodes started here,
+    wherever they bound (so `listen: 127.0.0.1:0` in the node files works).
+    ``router_overrides`` (tests) are merged into the router's settings.
     """
     from pathlib import Path
 
@@ -152,6 +170,13 @@ async def start_local_stack(config_dir: str | None = None, log=print):  # type: 
         log(f"loading edge model {edge_model.source} ({edge_model.quantization}) …")
         servers.append(await serve_edge(edge_settings))
         log(f"edge node ready on {servers[-1].address}")
+        if path("router.yaml") is None or router_overrides:
+            router_settings = _local_router_settings(
+                router_settings,
+                edge=servers[1].address if path("router.yaml") is None else None,
+                cloud=servers[0].address if path("router.yaml") is None else None,
+                overrides=router_overrides or {},
+            )
         router = await serve_router(router_settings, path("router.yaml"))
         servers.append(router)
         if router.reloader is not None:

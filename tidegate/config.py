@@ -84,11 +84,11 @@ def env_overrides(prefix: str, environ: Mapping[str, str]) -> dict[str, Any]:
     return overrides
 
 
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_dicts(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -123,7 +123,7 @@ def load_config(
     if env_prefix:
         overrides = env_overrides(env_prefix, os.environ if environ is None else environ)
         if overrides:
-            data = _merge(data, overrides)
+            data = merge_dicts(data, overrides)
             source += f" (with {env_prefix.upper()}__* environment overrides)"
     try:
         return cls.model_validate(data)
