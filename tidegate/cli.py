@@ -470,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tidegate.evaluation import commands as evaluation_commands  # eval, fit-combiner, …
 
     evaluation_commands.add_parsers(sub)
+
+    from tidegate.benchmarks import edge as edge_bench  # tidegate bench edge (no torch here)
+
+    edge_bench.add_parser(sub)
     return parser
 
 
@@ -511,6 +515,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             from tidegate.evaluation import commands as evaluation_commands
 
             return evaluation_commands.run(args)
+        elif args.command == "bench":
+            from tidegate.benchmarks import edge as edge_bench
+
+            return edge_bench.run(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

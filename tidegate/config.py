@@ -35,9 +35,22 @@ class ModelSettings(StrictModel):
     revision: str | None = None
     """Hugging Face revision (branch, tag or commit) for hub ids."""
 
-    quantization: Literal["none", "int8", "bf16"] = "int8"
-    """`int8`: int8 weight-only linears with bf16 activations; `bf16`: all
-    weights in bf16; `none`: fp32 as loaded."""
+    quantization: Literal["none", "int8", "int4", "bf16"] = "int8"
+    """`int4`: int4 weight-only linears (groups of 32, as in the bundled Q4_1
+    GGUF files) with bf16 activations and an int8 lm_head, the fastest;
+    `int8`: int8 weight-only linears with bf16 activations; `bf16`: all
+    weights in bf16; `none`: fp32 as loaded. int8/int4 weights are cached on
+    disk after the first quantization (under `cache_dir`/quantized)."""
+
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Decode through a static KV cache with a compiled per-token step (Llama
+    and Qwen2 models; others use transformers' forward): `on`; `off`:
+    transformers' forward, nothing compiled; `auto`: `on` for models of 10M
+    parameters or more (toy models are not worth a compile). The step is
+    compiled ahead of time (torch.export + AOTInductor) once per model,
+    quantization and thread count, in a background process while the node
+    already serves uncompiled (~1 min for SmolLM2), and loaded from
+    `cache_dir`/compiled at later starts (~1 s)."""
 
     threads: int | None = Field(default=None, ge=1, le=256)
     """torch intra-op threads; default: all cores."""

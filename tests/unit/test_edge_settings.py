@@ -40,7 +40,7 @@ def test_yaml_and_env(tmp_path):
         ("estimator: vibes\n", "estimator"),
         ("default_max_new_tokens: 0\n", "default_max_new_tokens"),
         ("default_max_new_tokens: 4096\n", "must not exceed max_new_tokens_limit"),
-        ("model:\n  quantization: int4\n", "model.quantization"),
+        ("model:\n  quantization: int3\n", "model.quantization"),
         ("listen: nowhere\n", "listen"),
         ("estimater: seq_prob\n", "estimater"),
     ],

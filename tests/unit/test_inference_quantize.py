@@ -83,4 +83,4 @@ def test_none_is_fp32_and_unknown_is_rejected():
     model, _ = tiny_model_and_tokenizer(seed=0)
     assert next(quantize_model(model, "none").parameters()).dtype is torch.float32
     with pytest.raises(ValueError, match="unknown quantization"):
-        quantize_model(model, "int4")
+        quantize_model(model, "int3")

@@ -324,25 +324,10 @@ def release_freed_memory() -> None:
 
 
 def load_backend(settings: ModelSettings) -> Any:
-    """Load, quantize and wrap ``settings`` into a TransformersBackend (synchronous)."""
-    from tidegate.inference.quantize import quantize_model
-    from tidegate.inference.transformers_backend import TransformersBackend
+    """Load, quantize and wrap ``settings`` into a TransformersBackend (synchronous).
 
-    loaded = load_model(settings)
-    started = time.perf_counter()
-    model = quantize_model(loaded.model, settings.quantization)
-    release_freed_memory()
-    log.info(
-        "quantized %s to %s in %.2fs",
-        loaded.model_id,
-        settings.quantization,
-        time.perf_counter() - started,
-    )
-    return TransformersBackend(
-        model,
-        loaded.tokenizer,
-        model_id=loaded.model_id,
-        context_length=loaded.context_length,
-        quantization=settings.quantization,
-        threads=settings.threads,
-    )
+    See prepare.py: quantized weights and the compiled decode step are cached.
+    """
+    from tidegate.inference.prepare import load_backend as _load_backend
+
+    return _load_backend(settings)

@@ -5,6 +5,11 @@ of the chosen token and the entropy of the full next-token distribution (what
 the confidence estimators read), streaming with stop strings, and prompt
 cancellation — all cheaper to get right in one small loop.
 
+Two decode paths: the static decoder (static_decoder.py: static KV cache, a
+compiled per-token step, log-prob and entropy computed inside the step) for
+Llama/Qwen2 models when ``static_decoder`` asks for it, else transformers' own
+forward with a DynamicCache. Both yield the same TokenStep per token.
+
 Threading: every torch call runs on one dedicated worker thread (a
 single-thread executor), so the asyncio loop (and grpc.aio) never blocks; an
 asyncio.Lock admits one generation at a time per model. Deltas cross from the
@@ -28,6 +33,7 @@ from tidegate.backend import BackendInfo, Generation
 from tidegate.chat import ChatMessage, FinishReason, GenerationRequest
 from tidegate.errors import InvalidArgument
 from tidegate.inference.detokenize import IncrementalDecoder, StopTextBuffer
+from tidegate.inference.static_decoder import StaticDecoder, token_signals, unsupported_reason
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +51,6 @@ class TokenStep:
     token_id: int
     logprob: float  # log p(token) under the model (temperature 1), nats
     entropy: float  # entropy of the model's next-token distribution, nats
-
-
-def token_signals(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 log-probabilities [vocab] and the distribution's entropy (scalar, nats)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [vocab]
-    entropy = torch.special.entr(logprobs.exp()).sum()  # -Σ p log p, 0·log 0 = 0
-    return logprobs, entropy
 
 
 def sample_token(
@@ -103,12 +102,14 @@ class TransformersBackend:
         context_length: int,
         quantization: str,
         threads: int | None = None,
+        static_decoder: bool = False,
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(model, tokenizer)
+        self.decoder = self._static_decoder(context_length) if static_decoder else None
         self._info = BackendInfo(
             model=f"{model_id}/{quantization}",
             context_length=context_length,
@@ -117,6 +118,20 @@ class TransformersBackend:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-torch")
         self._lock = asyncio.Lock()
+
+    def _static_decoder(self, context_length: int) -> StaticDecoder | None:
+        """The static decoder (uncompiled until compiled_step.attach), if the model fits it."""
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            log.info("decoding with transformers' forward: the static decoder lacks %s", reason)
+            return None
+        return StaticDecoder(self.model, max_context=context_length)
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Block until a compiled step is attached (bench, tests); True if it is."""
+        if self.decoder is None:
+            return False
+        return self.decoder.wait_compiled(timeout)
 
     @property
     def info(self) -> BackendInfo:
@@ -189,6 +204,8 @@ class TransformersBackend:
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.decoder is not None:
+            self.decoder.stop_build()
 
     @torch.inference_mode()
     def _next_token_logprobs_sync(
@@ -302,6 +319,11 @@ class TransformersBackend:
         cancel: threading.Event,
     ) -> Iterable[TokenStep]:
         """Prefill, then one token at a time through the KV cache."""
+        if self.decoder is not None:
+            yield from self._decode_static(
+                self.decoder, prompt_ids, max_new_tokens, sampling, generator, cancel
+            )
+            return
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
@@ -315,3 +337,34 @@ class TransformersBackend:
             token_id = sample_token(logprobs, sampling.temperature, sampling.top_p, generator)
             yield TokenStep(token_id, float(logprobs[token_id]), float(entropy))
             input_ids = torch.tensor([[token_id]], dtype=torch.long)  # [1, 1]
+
+    def _decode_static(
+        self,
+        decoder: StaticDecoder,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: Any,
+        generator: torch.Generator | None,
+        cancel: threading.Event,
+    ) -> Iterable[TokenStep]:
+        """The static decoder's loop: one step and one read of 3 numbers per token.
+
+        A token is yielded before the next step runs, so the step after the
+        last token (eos, stop string, cancel) is never computed.
+        """
+        decoder.reserve(len(prompt_ids) + max_new_tokens)
+        logprobs, summary = decoder.prefill(prompt_ids)  # [vocab], [greedy id, logprob, entropy]
+        position = len(prompt_ids)
+        for produced in range(1, max_new_tokens + 1):
+            if cancel.is_set():
+                raise _Cancelled
+            best, best_logprob, entropy = summary.tolist()
+            if sampling.temperature > 0.0:
+                token_id = sample_token(logprobs, sampling.temperature, sampling.top_p, generator)
+                logprob = float(logprobs[token_id])
+            else:
+                token_id, logprob = int(best), best_logprob
+            yield TokenStep(token_id, logprob, entropy)
+            if produced < max_new_tokens:
+                logprobs, summary = decoder.step(token_id, position)
+                position += 1

@@ -1,0 +1,1 @@
+"""Benchmarks importable by the CLI (``tidegate bench ...``); bench/*.py run them too."""

@@ -1,0 +1,161 @@
+"""Load a model ready to serve: from the quantized-weight cache when it has the entry,
+else load (loading.py) + quantize (quantize.py) once and fill the cache.
+
+Start-up paths for the edge default (SmolLM2, int4):
+- cold: GGUF → safetensors conversion (once), load, quantize, store in the cache;
+- warm: read the quantized tensors into a meta-device skeleton; no float
+  weights are ever materialised (see quantized_cache.py).
+Hub ids are not cached here: their identity is only known after loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tidegate.config import ModelSettings
+
+log = logging.getLogger(__name__)
+
+AUTO_COMPILE_MIN_PARAMETERS = 10_000_000  # compile="auto": toy models are not worth a compile
+
+
+@dataclass
+class PreparedModel:
+    model: Any
+    tokenizer: Any
+    model_id: str  # weights' identity, without the quantization
+    context_length: int
+    load_seconds: float  # resolve + load (+ conversion on a cold start)
+    quantize_seconds: float  # 0 when the quantized cache had the entry
+    from_quantized_cache: bool
+    converted: bool  # this start converted a GGUF file
+
+
+def _skeleton(location: Path, quantization: str) -> Any:
+    """The model's modules with empty quantized weights, on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from tidegate.inference.quantize import quantize_model
+
+    config = AutoConfig.from_pretrained(str(location))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if (location / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(location))
+    return quantize_model(model, quantization, empty=True)
+
+
+def _from_cache(settings: ModelSettings, root: Path) -> PreparedModel | None:
+    from transformers import AutoTokenizer
+
+    from tidegate.inference import quantized_cache
+    from tidegate.inference.loading import context_length, resolve_source
+
+    started = time.perf_counter()
+    resolved = resolve_source(settings, root)
+    if resolved.kind == "hub" or not isinstance(resolved.location, Path):
+        return None
+    entry = quantized_cache.entry_dir(root, resolved.model_id, settings.quantization)
+    if not (entry / "meta.json").is_file():
+        return None
+    try:
+        model = quantized_cache.load(entry, _skeleton(resolved.location, settings.quantization))
+    except Exception as exc:  # noqa: BLE001 - a bad entry is re-made, not fatal
+        log.warning("ignoring quantized cache entry %s: %s", entry, exc)
+        return None
+    if model is None:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(str(resolved.location))
+    return PreparedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_id=resolved.model_id,
+        context_length=context_length(model, tokenizer),
+        load_seconds=time.perf_counter() - started,
+        quantize_seconds=0.0,
+        from_quantized_cache=True,
+        converted=resolved.converted,
+    )
+
+
+def prepare_model(settings: ModelSettings) -> PreparedModel:
+    """Load and quantize ``settings.source`` (synchronous: seconds)."""
+    import torch
+
+    from tidegate.inference import quantized_cache
+    from tidegate.inference.bundled import default_cache_root
+    from tidegate.inference.loading import load_model, release_freed_memory
+    from tidegate.inference.quantize import quantize_model
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    root = default_cache_root(settings.cache_dir)
+    cached = settings.quantization in quantized_cache.CACHED_SCHEMES
+    if cached and (prepared := _from_cache(settings, root)) is not None:
+        return prepared
+    loaded = load_model(settings)
+    started = time.perf_counter()
+    model = quantize_model(loaded.model, settings.quantization)
+    release_freed_memory()
+    quantize_seconds = time.perf_counter() - started
+    log.info(
+        "quantized %s to %s in %.2fs", loaded.model_id, settings.quantization, quantize_seconds
+    )
+    if cached and loaded.source_kind != "hub":
+        entry = quantized_cache.entry_dir(root, loaded.model_id, settings.quantization)
+        try:
+            quantized_cache.store(
+                model, entry, {"model": loaded.model_id, "quantization": settings.quantization}
+            )
+        except OSError as exc:  # a read-only cache only costs the next start its quantization
+            log.warning("could not cache quantized weights in %s: %s", entry, exc)
+    return PreparedModel(
+        model=model,
+        tokenizer=loaded.tokenizer,
+        model_id=loaded.model_id,
+        context_length=loaded.context_length,
+        load_seconds=loaded.load_seconds,
+        quantize_seconds=quantize_seconds,
+        from_quantized_cache=False,
+        converted=loaded.converted,
+    )
+
+
+def wants_static_decoder(settings: ModelSettings, model: Any) -> bool:
+    """``compile``: on, off, or auto (on for models of AUTO_COMPILE_MIN_PARAMETERS or more)."""
+    if settings.compile != "auto":
+        return settings.compile == "on"
+    parameters = sum(t.numel() for t in model.parameters())
+    parameters += sum(t.numel() for t in model.buffers())  # quantized weights are buffers
+    return parameters >= AUTO_COMPILE_MIN_PARAMETERS
+
+
+def load_backend(settings: ModelSettings) -> Any:
+    """Load, quantize and wrap ``settings`` into a TransformersBackend (synchronous).
+
+    With the static decoder, the compiled step is loaded from its cache or
+    built in a child process while the backend already serves (compiled_step.py).
+    """
+    from tidegate.inference import compiled_step
+    from tidegate.inference.bundled import default_cache_root
+    from tidegate.inference.transformers_backend import TransformersBackend
+
+    prepared = prepare_model(settings)
+    backend = TransformersBackend(
+        prepared.model,
+        prepared.tokenizer,
+        model_id=prepared.model_id,
+        context_length=prepared.context_length,
+        quantization=settings.quantization,
+        threads=settings.threads,
+        static_decoder=wants_static_decoder(settings, prepared.model),
+    )
+    if backend.decoder is not None:
+        root = default_cache_root(settings.cache_dir)
+        compiled_step.attach(backend.decoder, settings, prepared.model_id, root)
+    return backend
