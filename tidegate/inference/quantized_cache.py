@@ -103,14 +103,20 @@ def load(target: Path, skeleton: nn.Module) -> nn.Module | None:
 
     Raises if the entry does not fit the skeleton (a corrupt or foreign entry).
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     meta_path = target / "meta.json"
     if not meta_path.is_file():
         return None
     started = time.perf_counter()
     meta = json.loads(meta_path.read_text())
-    tensors = load_file(str(target / "weights.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    with safe_open(str(target / "weights.safetensors"), framework="pt") as weights:
+        for name in weights.keys():
+            tensor = weights.get_tensor(name)
+            # Tensors in a safetensors file are only 8-byte aligned; the int8/int4
+            # kernels load with AVX-512 and crash (SIGSEGV) on such memory.
+            tensors[name] = tensor if tensor.data_ptr() % 64 == 0 else tensor.clone()
     expected, _ = _named_tensors(skeleton)
     missing = sorted(set(expected) - set(tensors) - set(meta["aliases"]))
     if missing:
