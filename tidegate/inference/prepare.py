@@ -11,6 +11,7 @@ Hub ids are not cached here: their identity is only known after loading.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,8 @@ def _from_cache(settings: ModelSettings, root: Path) -> PreparedModel | None:
     try:
         model = quantized_cache.load(entry, _skeleton(resolved.location, settings.quantization))
     except Exception as exc:  # noqa: BLE001 - a bad entry is re-made, not fatal
-        log.warning("ignoring quantized cache entry %s: %s", entry, exc)
+        log.warning("ignoring quantized cache entry %s (made again): %s", entry, exc)
+        shutil.rmtree(entry, ignore_errors=True)
         return None
     if model is None:
         return None

@@ -1,0 +1,180 @@
+"""The fast path (static KV cache + AOT-compiled step) against transformers' forward.
+
+fp32 tiny models, so both paths should agree to float rounding: same greedy
+tokens, log-probabilities and entropies. One compiled package is built per
+module run (~10 s) and shared by the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from tests.support.tiny_models import tiny_model_and_tokenizer
+from tidegate.chat import ChatMessage, FinishReason, GenerationRequest, SamplingParams
+from tidegate.config import ModelSettings
+from tidegate.inference import compiled_step
+from tidegate.inference.prepare import load_backend, wants_static_decoder
+from tidegate.inference.quantize import quantize_model
+from tidegate.inference.transformers_backend import TransformersBackend
+
+PROMPTS = ["Hello!", "What is the capital of France?", "def add(a, b): " * 6]
+
+
+def _backend(static: bool, quantization: str = "none") -> TransformersBackend:
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    return TransformersBackend(
+        quantize_model(model, quantization),
+        tokenizer,
+        model_id="tiny@test",
+        context_length=512,
+        quantization=quantization,
+        static_decoder=static,
+    )
+
+
+def _request(prompt: str, new_tokens: int = 24, **sampling) -> GenerationRequest:
+    return GenerationRequest(
+        (ChatMessage("user", prompt),), SamplingParams(max_new_tokens=new_tokens, **sampling)
+    )
+
+
+@pytest.fixture(scope="module")
+def reference() -> TransformersBackend:
+    return _backend(static=False)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> TransformersBackend:
+    backend = _backend(static=True)
+    assert backend.decoder is not None and not backend.decoder.compiled
+    package = tmp_path_factory.mktemp("compiled") / "step.pt2"
+    compiled_step.build_package(backend.decoder, package)
+    backend.decoder.use_compiled(compiled_step.load_package(package))
+    return backend
+
+
+async def _same_answers(backend, reference, request):
+    got, expected = await backend.generate(request), await reference.generate(request)
+    assert got.token_ids == expected.token_ids
+    assert got.text == expected.text and got.finish_reason == expected.finish_reason
+    torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.entropies, expected.entropies, atol=1e-4, rtol=1e-4)
+    return got
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+async def test_uncompiled_static_decoder_matches_transformers(reference, prompt):
+    await _same_answers(_backend(static=True), reference, _request(prompt))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+async def test_compiled_step_matches_transformers(compiled, reference, prompt):
+    assert compiled.decoder.compiled
+    got = await _same_answers(compiled, reference, _request(prompt))
+    assert got.token_ids and all(lp <= 0 for lp in got.logprobs)
+
+
+async def test_the_compiled_graph_serves_a_grown_cache(compiled, reference):
+    """The package was traced at capacity 256; a 300-token prompt needs 512."""
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 30
+    request = _request(long_prompt, new_tokens=40)
+    assert len(compiled.encode_prompt(request)) > 256
+    await _same_answers(compiled, reference, request)
+    assert compiled.decoder.capacity == 512
+    await _same_answers(compiled, reference, _request("Hello!"))  # and short prompts after it
+
+
+async def test_streaming_and_stop_strings_on_the_compiled_path(compiled, reference):
+    full = await reference.generate(_request(PROMPTS[1]))
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    assert stop.strip(), full.text
+    request = _request(PROMPTS[1], stop=(stop,))
+    deltas, final = [], None
+    async for item in compiled.stream(request):
+        if isinstance(item, str):
+            deltas.append(item)
+        else:
+            final = item
+    assert final is not None and final.finish_reason == FinishReason.STOP_SEQUENCE
+    assert "".join(deltas) == final.text == full.text[: full.text.index(stop)]
+    assert len(deltas) > 1
+    expected = await reference.generate(request)
+    assert final.token_ids == expected.token_ids
+
+
+async def test_sampling_on_the_compiled_path_is_the_same_draw(compiled, reference):
+    request = _request(PROMPTS[0], temperature=0.9, top_p=0.95, seed=7)
+    got = await compiled.generate(request)
+    expected = await reference.generate(request)
+    assert got.token_ids == expected.token_ids
+    torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-4, rtol=1e-4)
+
+
+async def test_a_cancelled_stream_stops_the_compiled_decoder(compiled):
+    stream = compiled.stream(_request(PROMPTS[0], new_tokens=400))
+    async for _ in stream:
+        break
+    await stream.aclose()
+    answer = await asyncio.wait_for(compiled.generate(_request(PROMPTS[0], new_tokens=4)), 30)
+    assert len(answer.token_ids) == 4
+
+
+def test_int4_static_decoder_tracks_int4_transformers():
+    """bf16 activations: the two paths round differently (ours attends in fp32), so
+    compare them teacher-forced along one token sequence, position by position."""
+    fast, slow = _backend(True, "int4"), _backend(False, "int4")
+    assert fast.decoder is not None
+    agree = total = 0
+    for prompt in PROMPTS:
+        ids = fast.encode_prompt(_request(prompt))
+        continuation = list(range(40, 72))  # any tokens will do
+        sequence = ids + continuation
+        with torch.inference_mode():
+            logits = slow.model(input_ids=torch.tensor([sequence])).logits[0].float()
+        expected = torch.log_softmax(logits[len(ids) - 1 : -1], dim=-1)  # [32, vocab]
+        fast.decoder.reserve(len(sequence))
+        got = [fast.decoder.prefill(ids)[0]]
+        for position, token in enumerate(continuation[:-1], start=len(ids)):
+            got.append(fast.decoder.step(token, position)[0])
+        got_logprobs = torch.stack(got)  # [32, vocab]
+        agree += int((got_logprobs.argmax(-1) == expected.argmax(-1)).sum())
+        total += len(continuation)
+        torch.testing.assert_close(got_logprobs, expected, atol=0.1, rtol=0.05)
+    assert agree / total >= 0.9
+
+
+def test_compile_auto_skips_toy_models():
+    model, _ = tiny_model_and_tokenizer(seed=0)
+    assert not wants_static_decoder(ModelSettings(compile="auto"), model)
+    assert wants_static_decoder(ModelSettings(compile="on"), model)
+    assert not wants_static_decoder(ModelSettings(compile="off"), model)
+
+
+async def test_load_backend_compiles_in_the_background_then_reuses_the_package(tmp_path, reference):
+    folder = tmp_path / "tiny"
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = ModelSettings(
+        source=str(folder), quantization="none", compile="on", cache_dir=str(tmp_path / "c")
+    )
+    backend = load_backend(settings)
+    try:
+        assert backend.decoder is not None
+        # serves at once (uncompiled) while a child process builds the package
+        await _same_answers(backend, reference, _request(PROMPTS[0], new_tokens=8))
+        assert await asyncio.to_thread(backend.wait_compiled, 600), backend.decoder.compile_error
+        await _same_answers(backend, reference, _request(PROMPTS[1]))
+    finally:
+        await backend.close()
+    packages = list((tmp_path / "c" / "compiled").rglob("*.pt2"))
+    assert len(packages) == 1
+    again = load_backend(settings)  # a warm start loads the package before serving
+    try:
+        assert again.decoder is not None and again.decoder.compiled
+        await _same_answers(again, reference, _request(PROMPTS[2]))
+    finally:
+        await again.close()

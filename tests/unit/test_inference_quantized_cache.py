@@ -1,0 +1,92 @@
+"""The quantized-weight cache: round trip, what invalidates an entry, bad entries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support.tiny_models import tiny_model_and_tokenizer
+from tidegate.config import ModelSettings
+from tidegate.inference import quantized_cache
+from tidegate.inference.int4 import Int4Linear
+from tidegate.inference.prepare import prepare_model
+
+
+def _folder(root, seed: int = 0, tied: bool = False):
+    folder = root / f"tiny-{seed}-{'tied' if tied else 'untied'}"
+    model, tokenizer = tiny_model_and_tokenizer(seed=seed, tied=tied)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _logits(model, ids=((5, 6, 7, 8, 9),)):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor(ids)).logits.float()
+
+
+def _settings(folder, cache, quantization="int4"):
+    return ModelSettings(
+        source=str(folder), quantization=quantization, cache_dir=str(cache), compile="off"
+    )
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_second_start_reads_the_same_quantized_model_back(tmp_path, quantization, tied):
+    folder = _folder(tmp_path, tied=tied)
+    first = prepare_model(_settings(folder, tmp_path / "cache", quantization))
+    assert not first.from_quantized_cache
+    second = prepare_model(_settings(folder, tmp_path / "cache", quantization))
+    assert second.from_quantized_cache and second.quantize_seconds == 0.0
+    assert second.model_id == first.model_id
+    torch.testing.assert_close(_logits(second.model), _logits(first.model), atol=0, rtol=0)
+    # the same modules, and a tied lm_head still shares its int8 rows with the embedding
+    assert [type(m) for m in second.model.modules()] == [type(m) for m in first.model.modules()]
+    if quantization == "int4" and tied:
+        embedding = second.model.get_input_embeddings()
+        assert embedding.weight_int8.data_ptr() == second.model.lm_head.weight_int8.data_ptr()
+    # nothing left on the meta device, every tensor aligned for the AVX-512 kernels
+    tensors = [*second.model.parameters(), *second.model.buffers()]
+    assert not any(t.is_meta for t in tensors)
+    assert all(t.data_ptr() % 64 == 0 for t in tensors if t.numel())
+    assert second.model.generation_config.eos_token_id == first.model.generation_config.eos_token_id
+
+
+def test_entries_are_keyed_by_weights_and_scheme(tmp_path):
+    cache = tmp_path / "cache"
+    folder = _folder(tmp_path)
+    int4 = prepare_model(_settings(folder, cache, "int4"))
+    int8 = prepare_model(_settings(folder, cache, "int8"))
+    assert not int8.from_quantized_cache  # another scheme: another entry
+    assert quantized_cache.entry_dir(cache, int4.model_id, "int4") != quantized_cache.entry_dir(
+        cache, int4.model_id, "int8"
+    )
+    # new weights in the same folder: a new identity, so the old entry is not read
+    model, _ = tiny_model_and_tokenizer(seed=1)
+    model.save_pretrained(folder)
+    changed = prepare_model(_settings(folder, cache, "int4"))
+    assert not changed.from_quantized_cache and changed.model_id != int4.model_id
+    reference, _ = tiny_model_and_tokenizer(seed=1)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.inference_mode():
+        expected = reference(input_ids=ids).logits.argmax(-1)
+    assert (_logits(changed.model).argmax(-1) == expected).float().mean() >= 0.8
+
+
+def test_a_bad_entry_is_made_again(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    folder = _folder(tmp_path)
+    first = prepare_model(_settings(folder, cache))
+    entry = quantized_cache.entry_dir(cache, first.model_id, "int4")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(entry / "weights.safetensors"))
+    del tensors["model.layers.0.mlp.down_proj.weight_int4"]
+    save_file(tensors, str(entry / "weights.safetensors"))
+    again = prepare_model(_settings(folder, cache))
+    assert not again.from_quantized_cache
+    assert "ignoring quantized cache entry" in caplog.text
+    assert isinstance(again.model.model.layers[0].mlp.down_proj, Int4Linear)
+    torch.testing.assert_close(_logits(again.model), _logits(first.model), atol=0, rtol=0)
+    assert prepare_model(_settings(folder, cache)).from_quantized_cache  # the entry was re-made
