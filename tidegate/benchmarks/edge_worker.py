@@ -285,10 +285,16 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if variant.llama_cpp:
         result = _measure_llama_cpp(job)
     else:
+        started = time.perf_counter()
         import torch
+        import transformers  # noqa: F401 - timed: a node imports it to load the model
 
+        import tidegate.inference.transformers_backend  # noqa: F401
+
+        imports_s = time.perf_counter() - started
         torch.set_num_threads(job["threads"])
         backend, result = _backend(job, variant, prime=job["kind"] == "prime")
+        result["imports_s"] = imports_s
         if job["kind"] == "measure":
             result |= asyncio.run(_measure_ours(backend, job))
         result["model"] = backend.info.model
