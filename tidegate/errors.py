@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -121,23 +121,47 @@ def stream_errors(
     return wrapper
 
 
-class PayloadGuard(grpc.aio.ServerInterceptor):
-    """Lets servicers answer unparsable requests with INVALID_ARGUMENT, not INTERNAL."""
+def tolerant_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with a request parser that never raises: bad bytes become InvalidPayload."""
+    deserialize = getattr(handler, "request_deserializer", None)
+    if deserialize is None:
+        return handler
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        deserialize = getattr(handler, "request_deserializer", None)
-        if deserialize is None:
-            return handler
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError subclasses
+            return InvalidPayload(str(exc) or type(exc).__name__)
 
-        def tolerant(data: bytes) -> Any:
-            try:
-                return deserialize(data)
-            except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError subclasses
-                return InvalidPayload(str(exc) or type(exc).__name__)
+    return handler._replace(request_deserializer=tolerant)  # type: ignore[attr-defined]
 
-        return handler._replace(request_deserializer=tolerant)  # type: ignore[attr-defined]
+
+class _TolerantGenericHandler(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = self._inner.service(handler_call_details)
+        return tolerant_handler(handler) if handler is not None else None
+
+
+class PayloadGuard:
+    """Lets servicers answer unparsable requests with INVALID_ARGUMENT, not INTERNAL.
+
+    Pass it to a generated ``add_*_to_server`` in place of the server: it wraps
+    each method's request parser once, at registration. (A server interceptor
+    did the same per call, at a measurable cost in requests/s.)
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_TolerantGenericHandler(h) for h in handlers))
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service_name, {name: tolerant_handler(h) for name, h in method_handlers.items()}
+        )

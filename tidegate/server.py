@@ -69,14 +69,13 @@ async def start_server(
     the config section in errors about the certificate files."""
     credentials = server_credentials(tls, tls_field) if tls is not None else None
     server = grpc.aio.server(
-        interceptors=[PayloadGuard()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
     for service in services:
-        service.add_to_server(service.servicer, server)
+        service.add_to_server(service.servicer, PayloadGuard(server))  # type: ignore[arg-type]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.name for s in services]
