@@ -139,6 +139,11 @@ def load_package(target: Path) -> Any:
 
 
 def _build_in_child(settings_json: str, target: Path, threads: int) -> subprocess.Popen[bytes]:
+    """The build, in a child process whose output goes to ``<target>.log``.
+
+    Not to a pipe: if the server exits first, the child still finishes (and
+    the next start loads the package) instead of dying on a broken pipe.
+    """
     command = [
         sys.executable,
         "-m",
@@ -150,7 +155,13 @@ def _build_in_child(settings_json: str, target: Path, threads: int) -> subproces
         "--threads",
         str(threads),
     ]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(_log_path(target), "wb") as log_file:
+        return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def _log_path(target: Path) -> Path:
+    return target.with_name(target.name + ".log")
 
 
 def attach(decoder: StaticDecoder, settings: Any, model_id: str, root: Path) -> None:
@@ -177,11 +188,11 @@ def attach(decoder: StaticDecoder, settings: Any, model_id: str, root: Path) -> 
 
     def wait() -> None:
         started = time.perf_counter()
-        _, stderr = child.communicate()
+        child.wait()
         try:
             if child.returncode != 0:
-                tail = stderr.decode(errors="replace").strip().splitlines()[-3:]
-                raise RuntimeError(f"exit {child.returncode}: {' | '.join(tail)}")
+                output = _log_path(target).read_text(errors="replace").strip().splitlines()
+                raise RuntimeError(f"exit {child.returncode}: {' | '.join(output[-3:])}")
             decoder.use_compiled(load_package(target))
             log.info("compiled the decode step in %.0fs", time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - the eager step keeps serving
@@ -196,6 +207,8 @@ def attach(decoder: StaticDecoder, settings: Any, model_id: str, root: Path) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Child process: load the model as ``--settings`` says and build ``--out``."""
+    from filelock import FileLock
+
     from tidegate.config import ModelSettings
     from tidegate.inference.prepare import prepare_model
 
@@ -206,9 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = ModelSettings.model_validate(json.loads(args.settings))
-    prepared = prepare_model(settings)
-    decoder = StaticDecoder(prepared.model, max_context=prepared.context_length)
-    seconds = build_package(decoder, args.out)
+    # One build per package: a second node starting meanwhile waits, then finds it.
+    with FileLock(str(args.out.with_name(args.out.name + ".lock"))):
+        if args.out.is_file():
+            print(f"{args.out} was built meanwhile")
+            return 0
+        prepared = prepare_model(settings)
+        decoder = StaticDecoder(prepared.model, max_context=prepared.context_length)
+        seconds = build_package(decoder, args.out)
     print(f"built {args.out} in {seconds:.1f}s")
     return 0
 
