@@ -46,6 +46,9 @@ VARIANTS = (
     Variant("fastest: int4, int4 lm_head + compile", "int4", compiled=True, lm_head="int4"),
     Variant("default", "int4", default=True),
     Variant("llama.cpp", "gguf", llama_cpp=True),
+    # llama.cpp's threads spin-wait at each barrier: on a busy CPU, one thread fewer
+    # can be faster; shown to read the 2-thread row, never used as the reference
+    Variant("llama.cpp, 1 thread", "gguf", llama_cpp=True, threads=1),
 )
 
 
@@ -76,16 +79,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job(args: argparse.Namespace, cache_dir: str, kind: str, **extra: Any) -> dict[str, Any]:
+    threads = (extra.get("variant") or {}).get("threads") or args.threads
     job = {
         "kind": kind,
         "model": args.model,
-        "threads": args.threads,
+        "threads": threads,
         "new_tokens": args.new_tokens,
         "long_tokens": args.long_tokens,
         "cache_dir": cache_dir,
     }
     cmd = [sys.executable, "-m", "tidegate.benchmarks.edge_worker", json.dumps(job | extra)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     lines = done.stdout.strip().splitlines()
     try:
@@ -114,7 +118,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
         for variant in variants:
             extra = {"variant": asdict(variant), "long_prompt": cold["long_prompt"]}
             prime = {} if variant.llama_cpp else _job(args, cache_dir, "prime", **extra)
-            row: dict[str, Any] = {"variant": variant.name}
+            row: dict[str, Any] = {
+                "variant": variant.name,
+                "threads": variant.threads or args.threads,
+            }
             if "error" in prime:
                 row["error"] = prime["error"]
             else:
@@ -137,6 +144,7 @@ def render(rows: list[dict[str, Any]], facts: dict[str, Any], args: argparse.Nam
     import torch
 
     reference = next((r for r in rows if r["variant"] == "llama.cpp" and "error" not in r), None)
+    # the table's ratios are against llama.cpp on the same threads
     lines = [
         f"{args.model}: {args.threads} threads, batch 1, greedy, {args.new_tokens} new tokens; "
         f"long prompt {facts['long_prompt_tokens']} tokens; torch {torch.__version__}; "
@@ -186,7 +194,6 @@ def run(args: argparse.Namespace) -> int:
                 "ttft_s": row.get("ttft_s"),
                 "peak_rss_mb": row.get("peak_rss_mb"),
                 **{k: v for k, v in row.items() if k != "variant"},
-                "threads": args.threads,
                 "load_avg": f"{facts['load_avg_start']} → {facts['load_avg_end']}",
             }
             print(json.dumps(row))

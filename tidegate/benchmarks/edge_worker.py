@@ -16,6 +16,7 @@ import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class Variant:
     lm_head: str = "int8"  # int8/int4 schemes: how the lm_head is stored
     default: bool = False  # the edge node's own settings (EdgeSettings defaults)
     llama_cpp: bool = False
+    threads: int | None = None  # overrides --threads (a diagnostic row)
 
 
 def _peak_rss_mb() -> float:
@@ -136,11 +138,18 @@ def _cold(job: dict[str, Any]) -> dict[str, Any]:
     from tidegate.config import ModelSettings
     from tidegate.inference.loading import load_model
 
-    started = time.perf_counter()
-    loaded = load_model(
-        ModelSettings(source=job["model"], quantization="none", cache_dir=job["cache_dir"])
-    )
-    convert_s = time.perf_counter() - started
+    cache = Path(job["cache_dir"])
+    fresh = not cache.exists() or not any(cache.iterdir())
+    with tempfile.TemporaryDirectory(prefix="tidegate-cold-") as scratch:
+        started = time.perf_counter()  # always into an empty cache, so cold is cold
+        loaded = load_model(
+            ModelSettings(
+                source=job["model"], quantization="none", cache_dir=str(cache if fresh else scratch)
+            )
+        )
+        convert_s = time.perf_counter() - started
+    if not fresh:  # the variants' cache (already converted: a reload)
+        load_model(ModelSettings(source=job["model"], quantization="none", cache_dir=str(cache)))
     prompt = _long_prompt(loaded.tokenizer, job["long_tokens"])
     ids = _chat_ids(loaded.tokenizer, prompt)
     return {
