@@ -35,7 +35,7 @@ from tidegate.server import MAX_MESSAGE_BYTES
 from tidegate.tls import ClientTls, open_channel
 from tidegate.v1 import model_node_pb2, model_node_pb2_grpc
 
-PROBE_TIMEOUT_S = 1.0  # Status probes must not make Status slow
+PROBE_TIMEOUT_S = 3.0  # Status probes run in parallel: Status waits at most this long
 
 
 class NodeError(Exception):
