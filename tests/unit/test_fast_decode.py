@@ -168,6 +168,7 @@ async def test_load_backend_compiles_in_the_background_then_reuses_the_package(t
         await _same_answers(backend, reference, _request(PROMPTS[0], new_tokens=8))
         assert await asyncio.to_thread(backend.wait_compiled, 600), backend.decoder.compile_error
         await _same_answers(backend, reference, _request(PROMPTS[1]))
+        assert backend.decoder.compiled  # loaded by that generation, on the torch thread
     finally:
         await backend.close()
     packages = list((tmp_path / "c" / "compiled").rglob("*.pt2"))

@@ -71,42 +71,47 @@ def _settings(job: dict[str, Any], variant: Variant) -> Any:
 
 
 def _backend(job: dict[str, Any], variant: Variant, prime: bool) -> tuple[Any, dict[str, Any]]:
-    """Load the variant as a node would; returns (backend, timings)."""
+    """Load the variant as a node would; returns (backend, timings).
+
+    On the backend's own torch thread, as ``load_backend`` does: a second thread
+    running torch ops would slow every op (transformers_backend's module doc).
+    """
+    from tidegate.inference.transformers_backend import torch_thread
+
+    if variant.default:
+        from tidegate.inference.prepare import load_backend
+
+        started = time.perf_counter()
+        backend = load_backend(_settings(job, variant))
+        timings: dict[str, Any] = {"ready_s": time.perf_counter() - started}
+        if prime and backend.decoder is not None:
+            backend.wait_compiled(3600)
+            timings["compile_s"] = time.perf_counter() - started - timings["ready_s"]
+        timings["compiled"] = backend.decoder is not None and backend.wait_compiled(0)
+        return backend, timings
+    executor = torch_thread()
+    return executor.submit(_load_variant, job, variant, prime, executor).result()
+
+
+def _load_variant(
+    job: dict[str, Any], variant: Variant, prime: bool, executor: Any
+) -> tuple[Any, dict[str, Any]]:
     import torch
 
     from tidegate.inference import compiled_step
     from tidegate.inference.bundled import default_cache_root
-    from tidegate.inference.prepare import load_backend, prepare_model
+    from tidegate.inference.prepare import prepare_model
     from tidegate.inference.transformers_backend import TransformersBackend
 
     settings = _settings(job, variant)
     started = time.perf_counter()
     timings: dict[str, Any] = {}
-    if variant.default:
-        backend = load_backend(settings)
-        timings["ready_s"] = time.perf_counter() - started
-        if prime and backend.decoder is not None:
-            backend.wait_compiled(3600)
-            timings["compile_s"] = time.perf_counter() - started - timings["ready_s"]
-        timings["compiled"] = backend.decoder is not None and backend.decoder.compiled
-        return backend, timings
-    if _label(variant) != variant.quantization:  # an lm_head ModelSettings cannot express
-        from tidegate.inference.loading import load_model, release_freed_memory
-        from tidegate.inference.quantize import quantize_model
-
-        loaded = load_model(settings.model_copy(update={"quantization": "bf16"}))
-        head: Any = variant.lm_head
-        model = quantize_model(loaded.model, variant.quantization, lm_head=head)
-        release_freed_memory()
-        tokenizer, model_id, context = loaded.tokenizer, loaded.model_id, loaded.context_length
-    else:
-        prepared = prepare_model(settings)
-        model, tokenizer = prepared.model, prepared.tokenizer
-        model_id, context = prepared.model_id, prepared.context_length
-        if variant.quantization == "int8-dynamic":
-            model = torch.ao.quantization.quantize_dynamic(
-                model, {torch.nn.Linear}, dtype=torch.qint8
-            )
+    lm_head: Any = None if _label(variant) == variant.quantization else variant.lm_head
+    prepared = prepare_model(settings, lm_head=lm_head)
+    model, tokenizer = prepared.model, prepared.tokenizer
+    model_id, context = prepared.model_id, prepared.context_length
+    if variant.quantization == "int8-dynamic":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     backend = TransformersBackend(
         model,
         tokenizer,
@@ -115,6 +120,7 @@ def _backend(job: dict[str, Any], variant: Variant, prime: bool) -> tuple[Any, d
         quantization=_label(variant),
         threads=job["threads"],
         static_decoder=variant.compiled,
+        executor=executor,
     )
     if variant.compiled:
         if backend.decoder is None:

@@ -13,7 +13,7 @@ Lifecycle (``attach``):
 - it does not: serve with the eager static decoder at once, build the package
   in a child process (``python -m tidegate.inference.compiled_step``: no GIL
   shared with the server; ~1 min for SmolLM2 on 2 busy cores) and switch to it
-  when it is ready.
+  at the first generation after it is ready (loaded on the serving thread).
 
 Measured for SmolLM2 int4 on 2 threads: build ~50 s, load 0.1 s and +90 MB
 RSS (the compiled step's own, pre-packed copy of the weights it multiplies
@@ -193,7 +193,7 @@ def attach(decoder: StaticDecoder, settings: Any, model_id: str, root: Path) -> 
             if child.returncode != 0:
                 output = _log_path(target).read_text(errors="replace").strip().splitlines()
                 raise RuntimeError(f"exit {child.returncode}: {' | '.join(output[-3:])}")
-            decoder.use_compiled(load_package(target))
+            decoder.offer_compiled(lambda: load_package(target))
             log.info("compiled the decode step in %.0fs", time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - the eager step keeps serving
             decoder.compile_error = f"{type(exc).__name__}: {exc}"

@@ -36,7 +36,7 @@ class PreparedModel:
     converted: bool  # this start converted a GGUF file
 
 
-def _skeleton(location: Path, quantization: str) -> Any:
+def _skeleton(location: Path, quantization: str, lm_head: Any) -> Any:
     """The model's modules with empty quantized weights, on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -48,10 +48,15 @@ def _skeleton(location: Path, quantization: str) -> Any:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     if (location / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(location))
-    return quantize_model(model, quantization, empty=True)
+    return quantize_model(model, quantization, lm_head=lm_head, empty=True)
 
 
-def _from_cache(settings: ModelSettings, root: Path) -> PreparedModel | None:
+def _scheme(settings: ModelSettings, lm_head: Any) -> str:
+    """The cache's name for the quantization (an lm_head other than the default is part of it)."""
+    return settings.quantization if lm_head is None else f"{settings.quantization}-head{lm_head}"
+
+
+def _from_cache(settings: ModelSettings, root: Path, lm_head: Any) -> PreparedModel | None:
     from transformers import AutoTokenizer
 
     from tidegate.inference import quantized_cache
@@ -61,11 +66,12 @@ def _from_cache(settings: ModelSettings, root: Path) -> PreparedModel | None:
     resolved = resolve_source(settings, root)
     if resolved.kind == "hub" or not isinstance(resolved.location, Path):
         return None
-    entry = quantized_cache.entry_dir(root, resolved.model_id, settings.quantization)
+    entry = quantized_cache.entry_dir(root, resolved.model_id, _scheme(settings, lm_head))
     if not (entry / "meta.json").is_file():
         return None
     try:
-        model = quantized_cache.load(entry, _skeleton(resolved.location, settings.quantization))
+        skeleton = _skeleton(resolved.location, settings.quantization, lm_head)
+        model = quantized_cache.load(entry, skeleton)
     except Exception as exc:  # noqa: BLE001 - a bad entry is re-made, not fatal
         log.warning("ignoring quantized cache entry %s (made again): %s", entry, exc)
         shutil.rmtree(entry, ignore_errors=True)
@@ -85,8 +91,11 @@ def _from_cache(settings: ModelSettings, root: Path) -> PreparedModel | None:
     )
 
 
-def prepare_model(settings: ModelSettings) -> PreparedModel:
-    """Load and quantize ``settings.source`` (synchronous: seconds)."""
+def prepare_model(settings: ModelSettings, *, lm_head: Any = None) -> PreparedModel:
+    """Load and quantize ``settings.source`` (synchronous: seconds).
+
+    ``lm_head``: quantize_model's choice for the output layer (None: its default;
+    the benchmark's int4-lm_head variant passes "int4")."""
     import torch
 
     from tidegate.inference import quantized_cache
@@ -98,18 +107,18 @@ def prepare_model(settings: ModelSettings) -> PreparedModel:
         torch.set_num_threads(settings.threads)
     root = default_cache_root(settings.cache_dir)
     cached = settings.quantization in quantized_cache.CACHED_SCHEMES
-    if cached and (prepared := _from_cache(settings, root)) is not None:
+    if cached and (prepared := _from_cache(settings, root, lm_head)) is not None:
         return prepared
     loaded = load_model(settings)
     started = time.perf_counter()
-    model = quantize_model(loaded.model, settings.quantization)
+    model = quantize_model(loaded.model, settings.quantization, lm_head=lm_head)
     release_freed_memory()
     quantize_seconds = time.perf_counter() - started
     log.info(
         "quantized %s to %s in %.2fs", loaded.model_id, settings.quantization, quantize_seconds
     )
     if cached and loaded.source_kind != "hub":
-        entry = quantized_cache.entry_dir(root, loaded.model_id, settings.quantization)
+        entry = quantized_cache.entry_dir(root, loaded.model_id, _scheme(settings, lm_head))
         try:
             quantized_cache.store(
                 model, entry, {"model": loaded.model_id, "quantization": settings.quantization}
@@ -143,6 +152,14 @@ def load_backend(settings: ModelSettings) -> Any:
     With the static decoder, the compiled step is loaded from its cache or
     built in a child process while the backend already serves (compiled_step.py).
     """
+    from tidegate.inference.transformers_backend import torch_thread
+
+    # Loaded on the thread that will serve it: one OpenMP pool (see transformers_backend).
+    executor = torch_thread()
+    return executor.submit(_load_backend_on, settings, executor).result()
+
+
+def _load_backend_on(settings: ModelSettings, executor: Any) -> Any:
     from tidegate.inference import compiled_step
     from tidegate.inference.bundled import default_cache_root
     from tidegate.inference.transformers_backend import TransformersBackend
@@ -156,6 +173,7 @@ def load_backend(settings: ModelSettings) -> Any:
         quantization=settings.quantization,
         threads=settings.threads,
         static_decoder=wants_static_decoder(settings, prepared.model),
+        executor=executor,
     )
     if backend.decoder is not None:
         root = default_cache_root(settings.cache_dir)

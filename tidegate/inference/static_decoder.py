@@ -114,6 +114,7 @@ class StaticDecoder:
         self.compile_done = threading.Event()  # set when attached, or when that failed
         self.compile_error: str | None = None
         self.build_process: Any = None  # the child process compiling the step, if any
+        self._pending: Any = None  # loads the compiled step, run by the next reserve()
 
     # ---- cache ----------------------------------------------------------------------
 
@@ -133,6 +134,13 @@ class StaticDecoder:
     @torch.inference_mode()
     def reserve(self, tokens: int) -> None:
         """Make room for ``tokens`` positions (prompt + new tokens): grow, never shrink."""
+        if self._pending is not None:  # on the serving thread, like every torch call
+            loader, self._pending = self._pending, None
+            try:
+                self._compiled = loader()
+            except Exception as exc:  # noqa: BLE001 - the uncompiled step keeps serving
+                self.compile_error = f"{type(exc).__name__}: {exc}"
+                log.warning("could not load the compiled step; decoding uncompiled: %s", exc)
         if tokens <= self.capacity:
             return
         capacity = MIN_CAPACITY
@@ -271,7 +279,13 @@ class StaticDecoder:
         if process is not None and process.poll() is None:
             process.terminate()
 
+    def offer_compiled(self, loader: Any) -> None:
+        """A compiled step is ready (built by another process): ``loader()`` loads it, on
+        the serving thread at the start of the next generation (see ``reserve``)."""
+        self._pending = loader
+        self.compile_done.set()
+
     def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Wait for a compiled step to be attached (or given up on); True if attached."""
+        """Wait for a compiled step to be attached or offered (or given up on)."""
         self.compile_done.wait(timeout)
-        return self.compiled
+        return self.compiled or self._pending is not None
