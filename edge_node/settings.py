@@ -36,7 +36,7 @@ class EdgeSettings(StrictModel):
     listen: str = Field(default="127.0.0.1:50052", pattern=r"^.+:\d{1,5}$")
     """HOST:PORT the ModelNode gRPC server binds (port 0 picks a free one)."""
 
-    model: ModelSettings = ModelSettings(source="smollm2-135m", quantization="int8")
+    model: ModelSettings = ModelSettings(source="smollm2-135m", quantization="int4")
     """The local model: a bundled name, Hugging Face id, folder or .gguf path."""
 
     estimator: str = "combiner"
