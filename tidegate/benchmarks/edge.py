@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir", help="model caches (default: a fresh temporary folder, so 'cold' is cold)"
     )
     parser.add_argument(
-        "--rounds", type=int, default=2, help="interleaved measurement rounds (best of; 2)"
+        "--rounds", type=int, default=3, help="interleaved measurement rounds (best of; 3)"
     )
 
 
@@ -186,8 +186,8 @@ def render(rows: list[dict[str, Any]], facts: dict[str, Any], args: argparse.Nam
         f"cold = GGUF → safetensors ({facts['convert_s']:.1f} s, once) + first start "
         "(quantize); compile = AOT build of the decode step (once, in the background); "
         "warm = caches → ready to serve (after imports)",
-        f"each variant in fresh processes; best of {args.rounds} interleaved rounds for times, "
-        "worst for RSS",
+        f"each variant in fresh processes; times: best of {args.rounds} interleaved rounds × 3 "
+        "repeats; RSS: the worst round",
     ]
     header = (
         f"{'variant':<38} {'decode':>7} {'×llama':>6} {'TTFT':>6} {'×':>5} {'TTFT512':>7} "

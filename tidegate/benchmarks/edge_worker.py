@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -194,7 +193,7 @@ async def _measure_ours(backend: Any, job: dict[str, Any]) -> dict[str, Any]:
             started = time.perf_counter()
             await backend.generate(request(prompt, 1))
             times.append(time.perf_counter() - started)
-        return statistics.median(times)
+        return min(times)  # best of the repeats, like decode
 
     await backend.generate(request(SHORT_PROMPT, 4))  # first-call effects out of the way
     result: dict[str, Any] = {
@@ -212,7 +211,7 @@ async def _measure_ours(backend: Any, job: dict[str, Any]) -> dict[str, Any]:
                 tokens = item.completion_tokens
         # first streamed text to the end: tokens after the first, over that time
         rates.append((tokens - 1) / (stamps[-1] - stamps[0]))
-    result["decode_tps"] = statistics.median(rates)
+    result["decode_tps"] = max(rates)  # best of the repeats, for both runtimes
     result["decode_tps_all"] = rates
     return result
 
@@ -265,7 +264,7 @@ def _measure_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
             complete(prompt, 1)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return min(times)  # best of the repeats, like decode
 
     complete(SHORT_PROMPT, 4)
     result: dict[str, Any] = {
@@ -281,7 +280,7 @@ def _measure_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
             stamps.append(time.perf_counter())
         stamps = stamps[1:]  # the first chunk is the role header, not a token
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    result["decode_tps"] = statistics.median(rates)
+    result["decode_tps"] = max(rates)  # best of the repeats, for both runtimes
     result["decode_tps_all"] = rates
     result["new_tokens_seen"] = len(stamps)
     result["amx"] = "off (use_extra_bufts=False)"
