@@ -220,18 +220,27 @@ def render(rows: list[dict[str, Any]], facts: dict[str, Any], args: argparse.Nam
     return "\n".join(lines)
 
 
+def json_rows(rows: list[dict[str, Any]], facts: dict[str, Any]) -> list[dict[str, Any]]:
+    """``--json``: one object per row; ``variant``, ``decode_tps``, ``ttft_s`` and
+    ``peak_rss_mb`` always (None on a row that failed or was skipped: see ``error``)."""
+    load_avg = f"{facts['load_avg_start']} → {facts['load_avg_end']}"
+    return [
+        {
+            "variant": row["variant"],
+            "decode_tps": row.get("decode_tps"),
+            "ttft_s": row.get("ttft_s"),
+            "peak_rss_mb": row.get("peak_rss_mb"),
+            **row,
+            "load_avg": load_avg,
+        }
+        for row in rows
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     rows, facts = measure(args)
     if args.json:
-        for row in rows:
-            row = {
-                "variant": row["variant"],
-                "decode_tps": row.get("decode_tps"),
-                "ttft_s": row.get("ttft_s"),
-                "peak_rss_mb": row.get("peak_rss_mb"),
-                **{k: v for k, v in row.items() if k != "variant"},
-                "load_avg": f"{facts['load_avg_start']} → {facts['load_avg_end']}",
-            }
+        for row in json_rows(rows, facts):
             print(json.dumps(row))
     else:
         print(render(rows, facts, args))
