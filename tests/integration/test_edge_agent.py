@@ -287,7 +287,12 @@ async def test_an_agent_that_does_not_announce_only_forwards(device, cloud):
 
 
 async def test_the_agents_status_shows_the_router_it_talks_to(device, cloud):
-    await device.start_agent()
+    agent = await device.start_agent()
+
+    async def first_attempt_failed() -> bool:  # the agent tries the router in the background
+        return bool(agent.agent.state.last_error)
+
+    await eventually(first_attempt_failed)
     status = await device.app.Status(router_pb2.StatusRequest(), timeout=10)
     edge, router = status.nodes
     assert (edge.tier, edge.model, edge.registered) == ("edge", EDGE_MODEL, False)
