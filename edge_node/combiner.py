@@ -136,6 +136,42 @@ def calibration_path(model: str, directory: Path = CALIBRATION_DIR) -> Path:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """A linear probe on the prompt state (``Generation.prompt_state``): one slope per
+    standardised dimension. The model's own hidden state before it answers says much
+    about whether the question is one it (or a larger model) can answer (Kadavath et
+    al. 2022, "Language Models (Mostly) Know What They Know")."""
+
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+
+    def logit(self, state: Sequence[float] | None) -> float:
+        """The probe's share of the logit; 0 (the average state) when there is no state."""
+        if state is None:
+            return 0.0
+        if len(state) != len(self.coef):
+            raise ValueError(
+                f"the prompt state has {len(state)} dimensions, the probe {len(self.coef)}: "
+                "the weights were fitted for another model"
+            )
+        return sum(
+            w * (s - mu) / sd
+            for s, mu, sd, w in zip(state, self.mean, self.scale, self.coef, strict=True)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "scale": list(self.scale), "coef": list(self.coef)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Probe:
+        probe = cls(*(tuple(float(x) for x in data[k]) for k in ("mean", "scale", "coef")))
+        if len({len(probe.mean), len(probe.scale), len(probe.coef)}) != 1:
+            raise ValueError("combiner probe: mean, scale and coef differ in length")
+        return probe
+
+
+@dataclass(frozen=True)
 class CombinerWeights:
     model: str  # the edge model identity the weights were fitted on
     features: tuple[str, ...]
@@ -144,16 +180,25 @@ class CombinerWeights:
     coef: tuple[float, ...]
     intercept: float
     provenance: Mapping[str, Any]
+    probe: Probe | None = None  # None: fitted on the token features alone
+    # What the probability is of: "edge" (the edge answer is right) or the identity of
+    # the cloud model whose answer would be right (the gain estimator's cloud head).
+    predicts: str = "edge"
 
-    def probability(self, values: Mapping[str, float]) -> float:
+    def probability(
+        self, values: Mapping[str, float], state: Sequence[float] | None = None
+    ) -> float:
         z = self.intercept
         for name, mu, sd, w in zip(self.features, self.mean, self.scale, self.coef, strict=True):
             z += w * (values[name] - mu) / sd
+        if self.probe is not None:
+            z += self.probe.logit(state)
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "model": self.model,
+            "predicts": self.predicts,
             "features": list(self.features),
             "mean": list(self.mean),
             "scale": list(self.scale),
@@ -161,6 +206,9 @@ class CombinerWeights:
             "intercept": self.intercept,
             "provenance": dict(self.provenance),
         }
+        if self.probe is not None:
+            data["probe"] = self.probe.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CombinerWeights:
@@ -172,6 +220,8 @@ class CombinerWeights:
             coef=tuple(float(x) for x in data["coef"]),
             intercept=float(data["intercept"]),
             provenance=dict(data.get("provenance", {})),
+            probe=Probe.from_json(data["probe"]) if data.get("probe") else None,
+            predicts=str(data.get("predicts", "edge")),
         )
         unknown = set(weights.features) - set(FEATURES)
         if unknown:
@@ -183,11 +233,12 @@ class CombinerWeights:
 
 
 def fit_logistic(
-    rows: Sequence[Sequence[float]], labels: Sequence[bool], l2: float = 1.0, steps: int = 50
+    rows: Any, labels: Any, l2: float = 1.0, steps: int = 50
 ) -> tuple[list[float], float]:
     """Coefficients and intercept maximising the L2-penalised log-likelihood (Newton).
 
-    ``rows`` should be standardised; the intercept is not penalised.
+    ``rows`` ([n, d], sequences or an array) should be standardised; ``labels`` [n] are
+    right/wrong; the intercept is not penalised.
     """
     import numpy as np
 
@@ -210,33 +261,109 @@ def fit_logistic(
     return [float(v) for v in w[:-1]], float(w[-1])
 
 
+L2_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)  # the penalties cross-validation chooses from
+
+
+def _standardise(x: Any) -> tuple[Any, Any, Any]:
+    """(standardised x, column means, column scales); a constant column keeps scale 1."""
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale == 0] = 1.0
+    return (x - mean) / scale, mean, scale
+
+
+def choose_l2(x: Any, y: Any, folds: int = 5, grid: Sequence[float] = L2_GRID) -> float:
+    """The penalty with the best cross-validated AUROC on (x, y) (ties: the larger, the
+    simpler model). Folds are a fixed shuffle, so the choice is reproducible."""
+    import numpy as np
+
+    from tidegate.evaluation.metrics import auroc
+
+    order = np.random.default_rng(0).permutation(len(y))
+    parts = [p for p in np.array_split(order, folds) if len(p)]
+    best, best_auroc = grid[-1], -1.0
+    for l2 in sorted(grid, reverse=True):
+        scores = np.zeros(len(y))
+        for part in parts:
+            train = np.setdiff1d(order, part)
+            if y[train].min() == y[train].max():
+                continue  # a fold with one class only: nothing to learn from it
+            z, mean, scale = _standardise(x[train])
+            coef, intercept = fit_logistic(z, y[train], l2=l2)
+            scores[part] = ((x[part] - mean) / scale) @ np.asarray(coef) + intercept
+        value = auroc(scores.tolist(), [bool(v) for v in y]) or 0.0
+        if value > best_auroc + 1e-9:
+            best, best_auroc = l2, value
+    return best
+
+
 def fit_combiner(
     samples: Sequence[Mapping[str, float]],
     labels: Sequence[bool],
     model: str,
     provenance: Mapping[str, Any],
     names: Sequence[str] = FEATURES,
-    l2: float = 1.0,
+    l2: float | None = 1.0,
+    states: Sequence[Sequence[float]] | None = None,
+    predicts: str = "edge",
 ) -> CombinerWeights:
-    """Fit on feature dicts (``features(g, question)``) and right/wrong labels."""
+    """Fit on feature dicts (``features(g, question)``) and right/wrong labels.
+
+    ``states``: the generations' prompt states, one per sample: fitted jointly as the
+    probe. ``l2=None``: the penalty is chosen by 5-fold cross-validation (``choose_l2``),
+    recorded in the provenance.
+    """
+    import numpy as np
+
     if len(samples) != len(labels) or not samples:
         raise ValueError("need as many labels as samples, and at least one")
     if all(labels) or not any(labels):
         raise ValueError("need both right and wrong answers to fit the combiner")
-    columns = [[s[name] for s in samples] for name in names]
-    mean = [sum(c) / len(c) for c in columns]
-    scale = [
-        math.sqrt(sum((v - m) ** 2 for v in c) / len(c)) or 1.0
-        for c, m in zip(columns, mean, strict=True)
-    ]
-    rows = [
-        [(s[name] - m) / sd for name, m, sd in zip(names, mean, scale, strict=True)]
-        for s in samples
-    ]
-    coef, intercept = fit_logistic(rows, labels, l2=l2)
+    x = np.array([[s[name] for name in names] for s in samples], dtype=float)  # [n, f]
+    if states is not None:
+        if len(states) != len(samples) or len({len(v) for v in states}) != 1:
+            raise ValueError("need one prompt state per sample, all of one size")
+        x = np.hstack([x, np.asarray(states, dtype=float)])  # [n, f + hidden]
+    y = np.asarray(labels, dtype=float)
+    if l2 is None:
+        l2 = choose_l2(x, y)
+    z, mean, scale = _standardise(x)
+    coef, intercept = fit_logistic(z, y, l2=l2)
+    f = len(names)
+    probe = None
+    if states is not None:
+        probe = Probe(tuple(mean[f:].tolist()), tuple(scale[f:].tolist()), tuple(coef[f:]))
     return CombinerWeights(
-        model, tuple(names), tuple(mean), tuple(scale), tuple(coef), intercept, provenance
+        model,
+        tuple(names),
+        tuple(mean[:f].tolist()),
+        tuple(scale[:f].tolist()),
+        tuple(coef[:f]),
+        intercept,
+        dict(provenance) | {"l2": l2},
+        probe=probe,
+        predicts=predicts,
     )
+
+
+def _missing_weights(what: str, model: str, path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no {what} for edge model {model} ({path} does not exist); fit them with "
+        "`tidegate eval` + `tidegate fit-combiner` (see README, Confidence), or choose a "
+        "single-pass estimator"
+    )
+
+
+def load_weights(path: Path, model: str, what: str = "combiner weights") -> CombinerWeights:
+    """Weights fitted for ``model``; FileNotFoundError / ValueError saying what to run."""
+    if not path.is_file():
+        raise _missing_weights(what, model, path)
+    weights = CombinerWeights.from_json(json.loads(path.read_text(encoding="utf-8")))
+    if weights.model != model:
+        raise ValueError(
+            f"{path} was fitted for edge model {weights.model}, not {model}; "
+            "refit it for this model (the token signals differ between variants)"
+        )
+    return weights
 
 
 @dataclass  # not frozen: the ConfidenceEstimator protocol's attributes are plain variables
@@ -250,7 +377,8 @@ class CombinerEstimator:
     async def score(self, request: GenerationRequest, generation: Generation) -> float:
         if not generation.logprobs:
             return 0.0
-        return self.weights.probability(features(generation, question_of(request)))
+        values = features(generation, question_of(request))
+        return self.weights.probability(values, generation.prompt_state)
 
     @classmethod
     def load(cls, path: Path) -> CombinerEstimator:
@@ -259,17 +387,53 @@ class CombinerEstimator:
     @classmethod
     def for_model(cls, model: str, path: Path | None = None) -> CombinerEstimator:
         """The weights fitted for ``model``; FileNotFoundError / ValueError saying what to run."""
-        path = path or calibration_path(model)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no combiner weights for edge model {model} ({path} does not exist); fit them "
-                "with `tidegate eval` + `tidegate fit-combiner` (see README, Confidence), or "
-                "choose a single-pass estimator"
-            )
-        estimator = cls.load(path)
-        if estimator.weights.model != model:
-            raise ValueError(
-                f"{path} was fitted for edge model {estimator.weights.model}, not {model}; "
-                "refit it for this model (the token signals differ between variants)"
-            )
-        return estimator
+        return cls(load_weights(path or calibration_path(model), model))
+
+
+def gain_score(p_edge: float, p_cloud: float) -> float:
+    """½ + ½·(P(edge right) − P(cloud right)): the expected gain of keeping the edge
+    answer, in [0, 1]; below ½ the cloud is expected to do better."""
+    return 0.5 + 0.5 * (p_edge - p_cloud)
+
+
+@dataclass
+class GainEstimator:
+    """Keep the edge answer unless the cloud is expected to do better.
+
+    Two heads over the same single-pass features and probe: the combiner's P(the edge
+    answer is right), and P(the cloud model's answer would be right), fitted on the
+    cloud's answers to the same questions. Escalating a question both models get wrong
+    (or both right) spends budget for nothing; the gain ranks questions by what
+    escalating them is expected to win. Costs nothing extra. The cloud head is fitted
+    for one cloud model (``predicts``): refit it when the cloud changes.
+    """
+
+    edge: CombinerWeights
+    cloud: CombinerWeights
+    name: str = "gain"
+    extra_cost: str = "none"
+
+    async def score(self, request: GenerationRequest, generation: Generation) -> float:
+        if not generation.logprobs:
+            return 0.0
+        values = features(generation, question_of(request))
+        state = generation.prompt_state
+        return gain_score(
+            self.edge.probability(values, state), self.cloud.probability(values, state)
+        )
+
+    @classmethod
+    def for_model(
+        cls, model: str, path: Path | None = None, cloud_path: Path | None = None
+    ) -> GainEstimator:
+        edge_path = path or calibration_path(model)
+        cloud_path = cloud_path or cloud_head_path(edge_path)
+        return cls(
+            load_weights(edge_path, model),
+            load_weights(cloud_path, model, "cloud-head weights (gain estimator)"),
+        )
+
+
+def cloud_head_path(edge_path: Path) -> Path:
+    """Where the cloud head lives beside the combiner's weights: ``<slug>.cloud.json``."""
+    return edge_path.with_suffix(".cloud.json")

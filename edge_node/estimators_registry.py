@@ -41,8 +41,19 @@ def _combiner(backend: ModelBackend, options: EstimatorSettings) -> ConfidenceEs
     return CombinerEstimator.for_model(backend.info.model, path)
 
 
+def _gain(backend: ModelBackend, options: EstimatorSettings) -> ConfidenceEstimator:
+    from edge_node.combiner import GainEstimator
+
+    path = Path(options.combiner_file) if options.combiner_file else None
+    cloud = Path(options.cloud_head_file) if options.cloud_head_file else None
+    return GainEstimator.for_model(backend.info.model, path, cloud)
+
+
+# Fitted estimators: without weights for the loaded model, the edge falls back.
+FITTED = ("combiner", "gain")
 MULTI_PASS: dict[str, Factory] = {
     "combiner": _combiner,
+    "gain": _gain,
     "consistency": _consistency,
     "self_verify": _self_verify,
 }
@@ -69,10 +80,10 @@ def edge_estimator(
 ) -> ConfidenceEstimator:
     """The estimator an edge node serves with; ConfigError naming the field if unusable.
 
-    ``combiner`` without weights for this model (no ``combiner_file`` given, none
+    ``combiner`` or ``gain`` without weights for this model (no file given, none
     shipped for it) falls back to ``options.combiner_fallback`` with a warning: the
-    answers then carry that estimator's name, so a policy calibrated for the
-    combiner sees the difference (see README, Confidence).
+    answers then carry that estimator's name, so a policy calibrated for the fitted
+    estimator sees the difference (see README, Confidence).
     """
     from tidegate.errors import ConfigError
 
@@ -80,7 +91,8 @@ def edge_estimator(
     try:
         return build_any_estimator(name, backend, options)
     except FileNotFoundError as exc:
-        if name == "combiner" and options.combiner_file is None:
+        explicit = options.combiner_file or options.cloud_head_file
+        if name in FITTED and not explicit:
             log.warning("%s; serving with %s instead", exc, options.combiner_fallback)
             return build_any_estimator(options.combiner_fallback, backend, options)
         raise ConfigError(f"estimator: {exc}") from exc

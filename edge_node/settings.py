@@ -24,10 +24,14 @@ class EstimatorSettings(StrictModel):
     """combiner: the fitted weights (JSON); default
     ``edge_node/calibration/<model identity>.json``, shipped for the default edge model."""
 
+    cloud_head_file: str | None = None
+    """gain: the cloud head's fitted weights (JSON); default: ``combiner_file`` (or its
+    default) with the suffix ``.cloud.json``."""
+
     combiner_fallback: Literal["seq_prob", "min_prob", "quantile_prob", "mean_entropy"] = "seq_prob"
-    """combiner: the single-pass estimator served instead when no weights exist for the
-    loaded model and ``combiner_file`` is unset (a warning is logged; answers carry its
-    name, so a router whose policy.estimator is ``combiner`` escalates them)."""
+    """combiner, gain: the single-pass estimator served instead when no weights exist
+    for the loaded model and no file is set (a warning is logged; answers carry its
+    name, so a router whose policy.estimator is ``gain`` escalates them)."""
 
 
 class EdgeSettings(StrictModel):
@@ -39,11 +43,13 @@ class EdgeSettings(StrictModel):
     model: ModelSettings = ModelSettings(source="smollm2-135m", quantization="int4")
     """The local model: a bundled name, Hugging Face id, folder or .gguf path."""
 
-    estimator: str = "combiner"
+    estimator: str = "gain"
     """Confidence estimator whose score travels with every answer: single-pass
-    seq_prob | min_prob | quantile_prob | mean_entropy | combiner (fitted weights
-    for this exact model, see README "Confidence"), or consistency (k extra
-    sampled generations) | self_verify (one extra forward pass)."""
+    seq_prob | min_prob | quantile_prob | mean_entropy | combiner (P(right), fitted
+    for this exact model, see README "Confidence") | gain (the combiner against a
+    fitted P(the cloud is right): escalates where the cloud is expected to do
+    better), or consistency (k extra sampled generations) | self_verify (one extra
+    forward pass)."""
 
     estimator_options: EstimatorSettings = Field(default_factory=EstimatorSettings)
     """Knobs of the estimators that have any."""

@@ -38,6 +38,10 @@ class Generation:
     # The serving engine's own count, for remote backends that report usage but
     # not token ids (OpenAI-compatible servers); None: count ``token_ids``.
     reported_completion_tokens: int | None = None
+    # The model's final hidden state at the prompt's last position (the state the first
+    # answer token is read from), for the combiner's probe; None where the backend
+    # has no hidden states (remote servers).
+    prompt_state: list[float] | None = None
 
     @property
     def completion_tokens(self) -> int:

@@ -24,11 +24,15 @@ async def router_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
     config_dir = tmp_path_factory.mktemp("stack")
     (config_dir / "cloud.yaml").write_text("listen: 127.0.0.1:0\n")
     (config_dir / "edge.yaml").write_text("listen: 127.0.0.1:0\n")
-    servers = await start_local_stack(str(config_dir), log=lambda _m: None, router_overrides={
-        "listen": "127.0.0.1:0",
-        "http": {"enabled": False},
-        "metrics": {"enabled": False},
-    })
+    servers = await start_local_stack(
+        str(config_dir),
+        log=lambda _m: None,
+        router_overrides={
+            "listen": "127.0.0.1:0",
+            "http": {"enabled": False},
+            "metrics": {"enabled": False},
+        },
+    )
     try:
         yield servers[-1].address
     finally:
@@ -39,7 +43,9 @@ async def router_address(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
 async def ask(address: str, question: str, **kwargs: object) -> dict:
     max_new_tokens = kwargs.pop("max_new_tokens", None)
     request = build_request(
-        question, sampling=SamplingParams(max_new_tokens=max_new_tokens), **kwargs  # type: ignore[arg-type]
+        question,
+        sampling=SamplingParams(max_new_tokens=max_new_tokens),
+        **kwargs,  # type: ignore[arg-type]
     )
     async with RouterClient(address, timeout_s=300) as client:
         return response_to_dict(await client.generate(request))
@@ -64,8 +70,9 @@ async def test_min_confidence_one_escalates_then_the_cache_answers(router_addres
 
 
 async def test_over_the_edge_budget_goes_to_the_cloud(router_address: str) -> None:
-    data = await ask(router_address, "Name the largest planet in our solar system.",
-                     max_new_tokens=1000)
+    data = await ask(
+        router_address, "Name the largest planet in our solar system.", max_new_tokens=1000
+    )
     assert data["tier"] == "cloud"
     assert "budget" in data["escalation_reason"]
 

@@ -62,6 +62,7 @@ async def _same_answers(backend, reference, request):
     assert got.text == expected.text and got.finish_reason == expected.finish_reason
     torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.entropies, expected.entropies, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.prompt_state, expected.prompt_state, atol=1e-4, rtol=1e-4)
     return got
 
 
@@ -120,6 +121,21 @@ async def test_a_cancelled_stream_stops_the_compiled_decoder(compiled):
     await stream.aclose()
     answer = await asyncio.wait_for(compiled.generate(_request(PROMPTS[0], new_tokens=4)), 30)
     assert len(answer.token_ids) == 4
+
+
+async def test_the_prompt_state_is_the_models_final_hidden_state(reference):
+    """What the combiner's probe reads: the normed last-layer state at the prompt's end."""
+    request = _request(PROMPTS[1])
+    ids = reference.encode_prompt(request)
+    with torch.inference_mode():
+        out = reference.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        expected = out.hidden_states[-1][0, -1]  # [hidden]
+        # it is the state the first token's logits are read from
+        torch.testing.assert_close(reference.model.lm_head(expected), out.logits[0, -1])
+    for backend in (reference, _backend(static=True)):
+        got = await backend.generate(request)
+        assert got.prompt_state is not None and len(got.prompt_state) == expected.numel()
+        torch.testing.assert_close(torch.tensor(got.prompt_state), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_int4_static_decoder_tracks_int4_transformers():

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_node.estimators_registry import FITTED
 from tidegate.errors import ConfigError
 from tidegate.evaluation.calibrate import Calibration, Target, calibrate, replay, route_groups
 from tidegate.evaluation.policy_yaml import ValueUpdate, apply_updates
@@ -33,7 +34,7 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
     With ``--fit-combiner`` the combiner is fitted first on the calibration split
     (the weights file the edge node loads) and the items are scored with it.
     """
-    from tidegate.evaluation.fitting import data_of, edge_model_of, fit_from_items
+    from tidegate.evaluation.fitting import cloud_model_of, data_of, edge_model_of, fit_from_items
     from tidegate.evaluation.runner import read_items
 
     if not args.data.is_file():
@@ -41,13 +42,16 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
     if _is_items_file(args.data):
         records, model, source = read_items(args.data), edge_model_of(args.data), data_of(args.data)
         if args.fit_combiner:
-            weights, _, summary = fit_from_items(
-                records, model, args.split, source, out=args.combiner_file
+            fitted = fit_from_items(
+                records,
+                model,
+                args.split,
+                source,
+                out=args.combiner_file,
+                cloud_model=cloud_model_of(args.data),
             )
-            print(summary)
-            for r in records:  # the combiner reads only the recorded features
-                if r.get("features") and r.get("edge_correct") is not None:
-                    r["confidence"]["combiner"] = weights.probability(r["features"])
+            print(fitted.summary)
+            fitted.rescore(records)
         return records, model, source
     from cloud_node.settings import CloudSettings
     from edge_node.settings import EdgeSettings
@@ -58,7 +62,7 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
     options = EvalOptions(
         data=args.data,
         out=out,
-        estimators=None if estimator == "combiner" else (estimator,),
+        estimators=None if estimator in FITTED else (estimator,),
         edge=load_config(EdgeSettings, args.edge_config, env_prefix="TIDEGATE_EDGE"),
         cloud=load_config(CloudSettings, args.cloud_config, env_prefix="TIDEGATE_CLOUD"),
     )
@@ -68,9 +72,11 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
         records = read_items(out / "items.jsonl")
         configured = options.edge.estimator_options.combiner_file
         path = args.combiner_file or (Path(configured) if configured else None)
-        _, _, summary = fit_from_items(records, model, args.split, data_of(out / "items.jsonl"),
-                                       out=path)  # fmt: skip
-        print(summary)
+        items = out / "items.jsonl"
+        fitted = fit_from_items(
+            records, model, args.split, data_of(items), out=path, cloud_model=cloud_model_of(items)
+        )
+        print(fitted.summary)
         metrics = asyncio.run(evaluate(options))  # cached outputs, now with the combiner
     print(f"evaluation of {args.data} in {out}", file=sys.stderr)
     return read_items(out / "items.jsonl"), model, data_of(out / "items.jsonl")
@@ -140,9 +146,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     settings = load_router_settings(args.policy)
-    estimator = args.estimator or settings.policy.estimator or "combiner"
-    if args.fit_combiner and estimator != "combiner":
-        print("error: --fit-combiner calibrates the combiner; drop --estimator", file=sys.stderr)
+    estimator = args.estimator or settings.policy.estimator or "gain"
+    if args.fit_combiner and estimator not in FITTED:
+        print(
+            f"error: --fit-combiner fits {' and '.join(FITTED)}, not {estimator}; "
+            "drop --estimator or choose one of those",
+            file=sys.stderr,
+        )
         return 2
     records, model, source = _evaluation(args, estimator)
     calib = [r for r in records if r.get("split") == args.split]

@@ -39,7 +39,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ev.add_argument("--cloud-config", type=Path, help="cloud YAML (default: built-in defaults)")
     ev.add_argument(
         "--estimators",
-        help="comma-separated estimator names (default: single-pass ones + combiner if fitted)",
+        help="comma-separated estimator names (default: single-pass ones, and combiner and "
+        "gain where fitted)",
     )
     ev.add_argument("--max-new-tokens", type=int, default=48, help="per answer (default 48)")
     ev.add_argument(
@@ -49,7 +50,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
     fit = sub.add_parser(
         "fit-combiner",
-        help="fit the combiner estimator's weights on an evaluation's items",
+        help="fit the combiner's weights (and the gain estimator's cloud head, when the items "
+        "have cloud answers) on an evaluation's items",
         description="Fit logistic regression over the single-pass features of "
         "ITEMS.jsonl (from `tidegate eval`) and write the weights for that edge model.",
     )
@@ -58,7 +60,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     fit.add_argument(
         "--out", type=Path, help="weights file (default edge_node/calibration/<model>.json)"
     )
-    fit.add_argument("--l2", type=float, default=1.0, help="L2 penalty (default 1.0)")
+    fit.add_argument(
+        "--l2", type=float, help="L2 penalty (default: chosen by 5-fold cross-validation)"
+    )
 
     add_calibrate_parser(sub)
 
@@ -103,14 +107,20 @@ async def _eval(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from tidegate.evaluation.fitting import data_of, edge_model_of, fit_from_items
+    from tidegate.evaluation.fitting import cloud_model_of, data_of, edge_model_of, fit_from_items
     from tidegate.evaluation.runner import read_items
 
     model = edge_model_of(args.items)
-    _, _, summary = fit_from_items(
-        read_items(args.items), model, args.split, data_of(args.items), args.l2, args.out
+    fitted = fit_from_items(
+        read_items(args.items),
+        model,
+        args.split,
+        data_of(args.items),
+        args.l2,
+        args.out,
+        cloud_model_of(args.items),
     )
-    print(summary)
+    print(fitted.summary)
     return 0
 
 
@@ -144,7 +154,7 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
         "--target-accuracy", help="reach this accuracy: 0.6, or relative to the cloud: 0.95xcloud"
     )
     cal.add_argument("--policy", required=True, type=Path, help="router/policy YAML to update")
-    cal.add_argument("--estimator", help="default: the policy's policy.estimator, else combiner")
+    cal.add_argument("--estimator", help="default: the policy's policy.estimator, else gain")
     cal.add_argument("--split", default="calib", help="calibrate on this split (default calib)")
     cal.add_argument("--dry-run", action="store_true", help="report, don't write the policy")
     cal.add_argument(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,12 @@ def edge_model_of(items_path: Path) -> str:
     return str(model)
 
 
+def cloud_model_of(items_path: Path) -> str | None:
+    """The cloud model identity recorded beside ``items.jsonl`` (None if not recorded)."""
+    metrics = items_path.parent / "metrics.json"
+    return json.loads(metrics.read_text())["run"].get("cloud_model") if metrics.exists() else None
+
+
 def data_of(items_path: Path) -> str:
     """The data file an items.jsonl was evaluated from, with its sha256 prefix (provenance)."""
     metrics = items_path.parent / "metrics.json"
@@ -31,16 +38,71 @@ def data_of(items_path: Path) -> str:
     return f"{run['data']}" + (f" (sha256 {digest})" if digest else "")
 
 
+@dataclass(frozen=True)
+class Fitted:
+    edge: Any  # CombinerWeights: P(the edge answer is right)
+    cloud: Any | None  # CombinerWeights: P(the cloud's answer is right); None without cloud labels
+    path: Path
+    summary: str
+
+    def rescore(self, records: Sequence[dict[str, Any]]) -> None:
+        """Score the records with the new weights (combiner, and gain with a cloud head):
+        both read only the recorded features and prompt state."""
+        from edge_node.combiner import gain_score
+
+        for r in records:
+            if not r.get("features") or r.get("edge_correct") is None:
+                continue
+            state = r.get("prompt_state")
+            p_edge = self.edge.probability(r["features"], state)
+            r["confidence"]["combiner"] = p_edge
+            if self.cloud is not None:
+                p_cloud = self.cloud.probability(r["features"], state)
+                r["confidence"]["gain"] = gain_score(p_edge, p_cloud)
+
+
+def _fit_head(
+    usable: Sequence[Mapping[str, Any]],
+    label: str,
+    model: str,
+    provenance: dict[str, Any],
+    l2: float | None,
+    predicts: str,
+) -> Any:
+    from edge_node.combiner import fit_combiner
+
+    with_state = all(r.get("prompt_state") for r in usable)
+    labels = [bool(r[label]) for r in usable]
+    return fit_combiner(
+        [r["features"] for r in usable],
+        labels,
+        model,
+        provenance | {"right": sum(labels), "probe": with_state},
+        l2=l2,
+        states=[r["prompt_state"] for r in usable] if with_state else None,
+        predicts=predicts,
+    )
+
+
+def _write(weights: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(weights.to_json(), indent=2) + "\n")
+
+
 def fit_from_items(
     records: Sequence[Mapping[str, Any]],
     model: str,
     split: str | None,
     source: str,
-    l2: float = 1.0,
+    l2: float | None = None,
     out: Path | None = None,
-) -> tuple[Any, Path, str]:
-    """Fit on the ``split`` items' features, write the weights; returns (weights, path, summary)."""
-    from edge_node.combiner import FEATURES, calibration_path, fit_combiner
+    cloud_model: str | None = None,
+) -> Fitted:
+    """Fit on the ``split`` items, write the weights; ``l2=None``: chosen by 5-fold
+    cross-validation on those items. With the probe when the items carry prompt
+    states; with the gain estimator's cloud head (``<out>.cloud.json``) when they carry
+    the cloud's correctness too."""
+    from edge_node.combiner import FEATURES, calibration_path, cloud_head_path
     from tidegate.evaluation.metrics import auroc, ece
 
     usable = [
@@ -55,26 +117,39 @@ def fit_from_items(
             f"no edge items with split {split!r} and the combiner's features in {source}; "
             "run `tidegate eval` (this version) without --cloud-only"
         )
-    labels = [bool(r["edge_correct"]) for r in usable]
     provenance = {
         "items": source,
         "split": split,
         "n": len(usable),
-        "right": sum(labels),
-        "l2": l2,
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
+    path = out or calibration_path(model)
     try:
-        weights = fit_combiner([r["features"] for r in usable], labels, model, provenance, l2=l2)
+        edge = _fit_head(usable, "edge_correct", model, provenance, l2, "edge")
+        with_cloud = [r for r in usable if r.get("cloud_correct") is not None]
+        cloud = None
+        if len(with_cloud) == len(usable):
+            cloud = _fit_head(
+                usable, "cloud_correct", model, provenance, l2, cloud_model or "cloud"
+            )
     except ValueError as exc:
         raise ConfigError(f"cannot fit the combiner on {source}: {exc}") from exc
-    path = out or calibration_path(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(weights.to_json(), indent=2) + "\n")
-    scores = [weights.probability(r["features"]) for r in usable]
+    _write(edge, path)
+    labels = [bool(r["edge_correct"]) for r in usable]
+    scores = [edge.probability(r["features"], r.get("prompt_state")) for r in usable]
     summary = (
-        f"combiner fitted on {len(usable)} items ({sum(labels)} right): in-sample AUROC "
+        f"combiner fitted on {len(usable)} items ({sum(labels)} right, l2 "
+        f"{edge.provenance['l2']:g}, probe {'on' if edge.probe else 'off'}): in-sample AUROC "
         f"{auroc(scores, labels) or float('nan'):.3f}, ECE {ece(scores, labels) or 0.0:.3f}; "
         f"wrote {path}"
     )
-    return weights, path, summary
+    if cloud is not None:
+        _write(cloud, cloud_head_path(path))
+        right = [bool(r["cloud_correct"]) for r in usable]
+        p_cloud = [cloud.probability(r["features"], r.get("prompt_state")) for r in usable]
+        summary += (
+            f"\ncloud head (gain) fitted on the same items ({sum(right)} right for "
+            f"{cloud.predicts}, l2 {cloud.provenance['l2']:g}): in-sample AUROC "
+            f"{auroc(p_cloud, right) or float('nan'):.3f}; wrote {cloud_head_path(path)}"
+        )
+    return Fitted(edge, cloud, path, summary)

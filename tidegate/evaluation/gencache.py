@@ -60,6 +60,7 @@ def generation_to_dict(g: Generation) -> dict[str, Any]:
         "queue_ms": g.queue_ms,
         "token_texts": g.token_texts,
         "reported_completion_tokens": g.reported_completion_tokens,
+        "prompt_state": g.prompt_state,
     }
 
 
@@ -76,6 +77,7 @@ def generation_from_dict(d: dict[str, Any]) -> Generation:
         queue_ms=d.get("queue_ms", 0.0),
         token_texts=list(d.get("token_texts") or []),
         reported_completion_tokens=d.get("reported_completion_tokens"),
+        prompt_state=d.get("prompt_state"),
     )
 
 

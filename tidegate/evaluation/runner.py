@@ -74,10 +74,10 @@ def item_request(item: EvalItem, max_new_tokens: int) -> GenerationRequest:
 def build_estimators(
     names: Sequence[str] | None, backend: ModelBackend, settings: EdgeSettings
 ) -> list[ConfidenceEstimator]:
-    """The estimators to score with. Default: every single-pass one, and the
-    combiner when weights fitted for this exact edge model exist."""
+    """The estimators to score with. Default: every single-pass one, and the fitted
+    ones (combiner, gain) whose weights exist for this exact edge model."""
     from edge_node.estimators import ESTIMATORS
-    from edge_node.estimators_registry import build_any_estimator
+    from edge_node.estimators_registry import FITTED, build_any_estimator
 
     options = settings.estimator_options
     if names is not None:
@@ -85,10 +85,11 @@ def build_estimators(
     chosen: list[ConfidenceEstimator] = [
         build_any_estimator(n, backend, options) for n in ESTIMATORS
     ]
-    try:
-        chosen.append(build_any_estimator("combiner", backend, options))
-    except FileNotFoundError as exc:
-        log.warning("no combiner in this run: %s", exc)
+    for name in FITTED:
+        try:
+            chosen.append(build_any_estimator(name, backend, options))
+        except FileNotFoundError as exc:
+            log.warning("no %s in this run: %s", name, exc)
     return chosen
 
 
@@ -130,6 +131,7 @@ async def _score_item(
             edge_finish=generation.finish_reason.name.lower(),
             edge_tokens=generation.completion_tokens,
             features=features(generation, item.question),
+            prompt_state=generation.prompt_state,  # the combiner's probe input
         )
         record["latency_ms"]["edge"] = round(generation.generation_ms, 1)
         spent: dict[str, float] = {}

@@ -242,15 +242,16 @@ class StaticDecoder:
     # ---- public -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the prompt; returns what ``step`` returns, for the first new token."""
+    def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the prompt; returns what ``step`` returns, for the first new token, and the
+        final hidden state at the prompt's last position ([hidden] fp32: the probe's input)."""
         tokens = torch.tensor([prompt_ids], dtype=torch.long)  # [1, P]
         positions = torch.arange(len(prompt_ids))  # [P]
         hidden = self._forward(
             tokens, positions, self.k_cache, self.v_cache, self.cos, self.sin, step=False
         )
         logprobs, entropy = token_signals(self.lm_head(hidden)[0])
-        return logprobs, _summary(logprobs, entropy)
+        return logprobs, _summary(logprobs, entropy), hidden[0].float()
 
     @torch.inference_mode()
     def step(self, token_id: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:

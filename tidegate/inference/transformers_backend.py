@@ -57,6 +57,13 @@ class TokenStep:
     token_id: int
     logprob: float  # log p(token) under the model (temperature 1), nats
     entropy: float  # entropy of the model's next-token distribution, nats
+    # The first step only: the final hidden state at the prompt's last position, what the
+    # first token is read from. The combiner's probe reads it (Kadavath et al. 2022, "P(IK)").
+    prompt_state: torch.Tensor | None = None
+
+
+def _as_list(state: torch.Tensor | None) -> list[float] | None:
+    return None if state is None else state.tolist()
 
 
 def sample_token(
@@ -319,6 +326,7 @@ class TransformersBackend:
             generation_ms=(ended - started) * 1000.0,
             queue_ms=(started - arrived) * 1000.0,
             token_texts=[self.tokenizer.decode([t]) for t in token_ids],
+            prompt_state=_as_list(steps[0].prompt_state) if steps else None,
         )
 
     @torch.inference_mode()
@@ -343,11 +351,20 @@ class TransformersBackend:
         for _ in range(max_new_tokens):
             if cancel.is_set():
                 raise _Cancelled
-            out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            first = cache.get_seq_length() == 0
+            out = self.model(
+                input_ids=input_ids,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                output_hidden_states=first,
+            )
             logits = out.logits[0, -1]  # [vocab]
             logprobs, entropy = token_signals(logits)
             token_id = sample_token(logprobs, sampling.temperature, sampling.top_p, generator)
-            yield TokenStep(token_id, float(logprobs[token_id]), float(entropy))
+            # hidden_states[-1] is after the final norm, as the static decoder's
+            state = out.hidden_states[-1][0, -1].float() if first else None
+            yield TokenStep(token_id, float(logprobs[token_id]), float(entropy), state)
             input_ids = torch.tensor([[token_id]], dtype=torch.long)  # [1, 1]
 
     def _decode_static(
@@ -365,7 +382,8 @@ class TransformersBackend:
         last token (eos, stop string, cancel) is never computed.
         """
         decoder.reserve(len(prompt_ids) + max_new_tokens)
-        logprobs, summary = decoder.prefill(prompt_ids)  # [vocab], [greedy id, logprob, entropy]
+        # [vocab], [greedy id, logprob, entropy], [hidden]
+        logprobs, summary, state = decoder.prefill(prompt_ids)
         position = len(prompt_ids)
         for produced in range(1, max_new_tokens + 1):
             if cancel.is_set():
@@ -376,7 +394,7 @@ class TransformersBackend:
                 logprob = float(logprobs[token_id])
             else:
                 token_id, logprob = int(best), best_logprob
-            yield TokenStep(token_id, logprob, entropy)
+            yield TokenStep(token_id, logprob, entropy, state if produced == 1 else None)
             if produced < max_new_tokens:
                 logprobs, summary = decoder.step(token_id, position)
                 position += 1
