@@ -58,7 +58,7 @@ def _signal_share(backend, tokens: int, repeats: int = 200) -> tuple[float, floa
 
 async def main(args: argparse.Namespace) -> None:
     from edge_node.estimators import ESTIMATORS
-    from edge_node.estimators_registry import build_any_estimator
+    from edge_node.estimators_registry import FITTED, build_any_estimator
     from edge_node.settings import EstimatorSettings
     from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
     from tidegate.config import ModelSettings
@@ -68,11 +68,12 @@ async def main(args: argparse.Namespace) -> None:
         ModelSettings(source=args.model, quantization=args.quantization, threads=args.threads)
     )
     single = list(ESTIMATORS)
-    try:
-        single.append("combiner")
-        build_any_estimator("combiner", backend)
-    except FileNotFoundError:
-        single.remove("combiner")
+    for name in FITTED:  # where weights are fitted for this model
+        try:
+            build_any_estimator(name, backend)
+            single.append(name)
+        except FileNotFoundError:
+            pass
     options = EstimatorSettings(consistency_samples=args.samples)
     estimators = {name: build_any_estimator(name, backend, options) for name in single}
     multi = {n: build_any_estimator(n, backend, options) for n in ("self_verify", "consistency")}
@@ -145,7 +146,7 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--quantization", default="int8", choices=["none", "int8", "bf16"])
+    parser.add_argument("--quantization", default="int4", choices=["none", "int8", "int4", "bf16"])
     parser.add_argument("--items", type=int, default=24)
     parser.add_argument("--multi-items", type=int, default=8)
     parser.add_argument("--samples", type=int, default=5, help="consistency samples")

@@ -81,9 +81,10 @@ def edge_estimator(
     """The estimator an edge node serves with; ConfigError naming the field if unusable.
 
     ``combiner`` or ``gain`` without weights for this model (no file given, none
-    shipped for it) falls back to ``options.combiner_fallback`` with a warning: the
-    answers then carry that estimator's name, so a policy calibrated for the fitted
-    estimator sees the difference (see README, Confidence).
+    shipped for it) falls back with a warning: ``gain`` to ``combiner`` where only its
+    weights exist (no cloud head fitted), else to ``options.combiner_fallback``. The
+    answers then carry the name of the estimator actually used, so a policy
+    calibrated for the fitted estimator sees the difference (see README, Confidence).
     """
     from tidegate.errors import ConfigError
 
@@ -92,9 +93,15 @@ def edge_estimator(
         return build_any_estimator(name, backend, options)
     except FileNotFoundError as exc:
         explicit = options.combiner_file or options.cloud_head_file
-        if name in FITTED and not explicit:
-            log.warning("%s; serving with %s instead", exc, options.combiner_fallback)
-            return build_any_estimator(options.combiner_fallback, backend, options)
-        raise ConfigError(f"estimator: {exc}") from exc
+        if name not in FITTED or explicit:
+            raise ConfigError(f"estimator: {exc}") from exc
+        for fallback in (*FITTED[: FITTED.index(name)][::-1], options.combiner_fallback):
+            try:
+                estimator = build_any_estimator(fallback, backend, options)
+            except FileNotFoundError:
+                continue
+            log.warning("%s; serving with %s instead", exc, fallback)
+            return estimator
+        raise AssertionError("single-pass fallbacks need no weights")
     except ValueError as exc:
         raise ConfigError(f"estimator: {exc}") from exc

@@ -9,7 +9,7 @@ in order, so equal requests always hash equally.
 The answering model is deliberately NOT in the key: which model answers is the
 router's decision, made after the lookup. The entry records the tier and model
 that produced it instead; it answers only while a node of that tier still
-serves that model (``Pipeline._entry_is_current``: after an upgrade the old
+serves that model (``CacheGate._entry_is_current``: after an upgrade the old
 model's entries are misses, and fresh answers overwrite them), and the serving
 rule (``router.policy``) decides whether it meets the request's threshold.
 """

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from router.domain import Escalation, RouteResult, Tier
 from router.settings import MetricsSettings
+from router.status import budget_usage
 from tidegate.errors import ConfigError, TidegateError
 
 if TYPE_CHECKING:
@@ -175,22 +176,21 @@ class RouterCollector(Collector):
 
     async def refresh(self) -> None:
         p = self.pipeline
-        if p.cache is not None:
+        cache = p.cache_gate.cache
+        if cache is not None:
             try:
-                stats = await asyncio.wait_for(p.cache.stats(), SCRAPE_STATE_TIMEOUT_S)
+                stats = await asyncio.wait_for(cache.stats(), SCRAPE_STATE_TIMEOUT_S)
                 self.state.cache_entries = stats.entries
             except Exception as exc:  # noqa: BLE001 - report the rest regardless
                 log.warning("metrics: cache size unavailable: %s", exc)
                 self.state.cache_entries = None
-        budgets = getattr(p, "budget_usage", None)  # router.budgets, when configured
-        if budgets is not None:
-            try:
-                self.state.budgets = tuple(
-                    await asyncio.wait_for(budgets(), SCRAPE_STATE_TIMEOUT_S)
-                )
-            except Exception as exc:  # noqa: BLE001
-                log.warning("metrics: budgets unavailable: %s", exc)
-                self.state.budgets = ()
+        try:
+            self.state.budgets = tuple(
+                await asyncio.wait_for(budget_usage(p), SCRAPE_STATE_TIMEOUT_S)
+            )
+        except Exception as exc:  # noqa: BLE001
+            log.warning("metrics: budgets unavailable: %s", exc)
+            self.state.budgets = ()
 
     def collect(self) -> Iterable[Metric]:
         yield from self._cache()
@@ -203,23 +203,23 @@ class RouterCollector(Collector):
         yield flights
 
     def _cache(self) -> Iterator[Metric]:
-        p = self.pipeline
+        gate = self.pipeline.cache_gate
         hits = CounterMetricFamily(
             "tidegate_cache_hits", "Requests answered from the cache, by match.", labels=["match"]
         )
-        hits.add_metric(["exact"], p.cache_hits - p.semantic_hits)
-        hits.add_metric(["semantic"], p.semantic_hits)
+        hits.add_metric(["exact"], gate.hits - gate.semantic_hits)
+        hits.add_metric(["semantic"], gate.semantic_hits)
         yield hits
         misses = CounterMetricFamily(
             "tidegate_cache_misses", "Cache lookups that could not answer the request."
         )
-        misses.add_metric([], p.cache_misses)
+        misses.add_metric([], gate.misses)
         yield misses
         if self.state.cache_entries is not None:
             entries = GaugeMetricFamily("tidegate_cache_entries", "Entries in the response cache.")
             entries.add_metric([], self.state.cache_entries)
             yield entries
-        semantic = p.semantic
+        semantic = gate.semantic
         if semantic is not None:
             indexed = GaugeMetricFamily(
                 "tidegate_semantic_index_entries", "Questions in this router's semantic index."

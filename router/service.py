@@ -63,7 +63,7 @@ async def _load_semantic(settings: RouterSettings, pipeline: Pipeline) -> None:
     if settings.cache.enabled and semantic.enabled:
         from router.semantic_cache import SemanticIndex
 
-        pipeline.semantic = await SemanticIndex.load(semantic, settings.cache.ttl_s)
+        pipeline.cache_gate.semantic = await SemanticIndex.load(semantic, settings.cache.ttl_s)
 
 
 async def _serve_metrics(
@@ -161,7 +161,7 @@ async def serve_router(
         registry = _registry(settings, servicer.pipeline)
         if registry is not None:
             await registry.ping()
-        cache = servicer.pipeline.cache
+        cache = servicer.pipeline.cache_gate.cache
         if isinstance(cache, RedisCache):
             try:
                 await cache.ping()

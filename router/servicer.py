@@ -14,7 +14,8 @@ from dataclasses import replace
 import grpc
 
 from router.domain import CacheControl, Restart, RouteRequest, RouteResult
-from router.pipeline import Pipeline, RouterStatus
+from router.pipeline import Pipeline
+from router.status import RouterStatus
 from tidegate.chat import ChatMessage, SamplingParams
 from tidegate.errors import InvalidArgument, stream_errors, unary_errors
 from tidegate.server import Service

@@ -95,13 +95,13 @@ class PolicySettings(StrictModel):
     version: str = Field(default="default-1", min_length=1, max_length=128)
     """Reported on every response so answers can be traced to the policy."""
 
-    # Calibrated (README "Confidence"): the default edge's combiner estimator on the dev
+    # Calibrated (README "Confidence"): the default edge's gain estimator on the dev
     # set's calib split, for ≤ 25% escalation; router/default_policy.yaml says the same.
-    min_confidence: float = Field(default=0.1081, ge=0.0, le=1.0)
+    min_confidence: float = Field(default=0.3763, ge=0.0, le=1.0)
     """Keep the edge answer when its confidence is at least this; requests may
     override it (GenerateRequest.min_confidence). Also the bar an edge answer
     must meet to be cached, whatever the request's own threshold. The default is
-    calibrated for the default edge (combiner estimator, ≤ 25% escalated on the
+    calibrated for the default edge (gain estimator, ≤ 25% escalated on the
     dev set); recalibrate with ``tidegate calibrate`` for another edge or mix."""
 
     estimator: str | None = Field(default=None, min_length=1, max_length=64)

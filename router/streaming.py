@@ -41,10 +41,11 @@ from router.nodes import NodeClient, NodeRejected, NodeUnavailable, node_request
 from router.plan import Plan
 from router.policy import Decision, EdgeSignal, judge_edge, pre_route
 from router.provenance import Stopwatch
+from router.tiers import EdgeOutcome, edge_rejected
 from tidegate.errors import DeadlineExceeded, Unavailable
 
 if TYPE_CHECKING:
-    from router.pipeline import EdgeOutcome, Pipeline
+    from router.pipeline import Pipeline
 
 StreamEvent = str | Restart | RouteResult
 
@@ -98,7 +99,7 @@ class StreamRoute:
         if edge.decision.tier is Tier.EDGE:
             assert edge.answer is not None
             result = provenance.edge_result(plan, edge.answer, edge.decision, self.watch, p.version)
-            await p._admit(plan, result)
+            await p.cache_gate.admit(plan, result, p.settings)
             yield result
             return
         if self.edge_sent:
@@ -112,8 +113,6 @@ class StreamRoute:
 
     async def _edge_early(self) -> AsyncIterator[str]:
         """Relay the edge's deltas; leaves the judged outcome in ``self.edge``."""
-        from router.pipeline import EdgeOutcome, edge_rejected
-
         p, plan = self.p, self.plan
         skip = pre_route(plan.facts, p.policy, has_edge=bool(p.edges))
         if skip is not None:
@@ -211,7 +210,7 @@ class StreamRoute:
             )
             if self.restarted:
                 result = provenance.restarted(result)
-            await p._admit(plan, result)
+            await p.cache_gate.admit(plan, result, p.settings)
             yield result
             return
         result = p._degraded_or_raise(plan, edge, watch, p._cloud_down(failures))

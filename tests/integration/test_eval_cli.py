@@ -55,18 +55,23 @@ def workdir(tmp_path_factory) -> Path:
             for i, q in enumerate(QUESTIONS)
         )
     )
-    assert run(["eval", *common(root), "--data", str(probe), "--out", str(root / "probe"),
-                "--edge-only"]) == 0  # fmt: skip
-    said = {r["id"]: r["edge_text"] for r in map(json.loads, (root / "probe/items.jsonl").open())}
+    assert run(["eval", *common(root), "--data", str(probe), "--out", str(root / "probe")]) == 0
+    probed = list(map(json.loads, (root / "probe/items.jsonl").open()))
+    said = {r["id"]: r["edge_text"] for r in probed}
+    cloud_said = {r["id"]: r["cloud_text"] for r in probed}
     with (root / "data.jsonl").open("w") as f:
         for i, question in enumerate(QUESTIONS):
-            right = i % 2 == 0 and said[f"q{i}"].strip()
+            answers = ["zzz-never"]  # the edge is right on even items, the cloud on every third
+            if i % 2 == 0 and said[f"q{i}"].strip():
+                answers.append(said[f"q{i}"].strip())
+            if i % 3 == 0 and cloud_said[f"q{i}"].strip():
+                answers.append(cloud_said[f"q{i}"].strip())
             f.write(
                 json.dumps(
                     {
                         "id": f"q{i}",
                         "question": question,
-                        "answers": [said[f"q{i}"].strip()] if right else ["zzz-never"],
+                        "answers": answers,
                         "split": "calib" if i < 6 else "test",
                         "category": "even" if i % 2 == 0 else "odd",
                         "extra": "ignored",
@@ -148,13 +153,21 @@ def test_fit_combiner_then_calibrate_a_policy(workdir, capsys):
     assert run(["fit-combiner", "--items", str(items), "--out", str(weights)]) == 0
     fitted = json.loads(weights.read_text())
     assert fitted["model"].startswith("edge-model@") and fitted["provenance"]["n"] == 6
-    # The combiner scores the next evaluation.
+    assert fitted["probe"] and fitted["provenance"]["l2"] > 0  # the prompt state, CV'd penalty
+    cloud_head = json.loads(
+        (workdir / "weights.cloud.json").read_text()
+    )  # the items have cloud answers
+    assert cloud_head["model"] == fitted["model"] and cloud_head["predicts"].startswith(
+        "cloud-model@"
+    )
+    # The combiner and the gain score the next evaluation.
     edge_yaml = workdir / "edge-combiner.yaml"
     edge_yaml.write_text((workdir / "edge.yaml").read_text() + f"  combiner_file: {weights}\n")
     assert run([*args, "--out", str(workdir / "with"), "--edge-config", str(edge_yaml),
-                "--estimators", "combiner,seq_prob"]) == 0  # fmt: skip
+                "--estimators", "gain,combiner,seq_prob"]) == 0  # fmt: skip
     metrics = json.loads((workdir / "with/metrics.json").read_text())
     assert metrics["estimators"]["combiner"]["ece"] is not None
+    assert metrics["estimators"]["gain"]["auroc"] is not None
     capsys.readouterr()
     policy = workdir / "router.yaml"
     policy.write_text(DEFAULT_POLICY_PATH.read_text())
@@ -164,5 +177,5 @@ def test_fit_combiner_then_calibrate_a_policy(workdir, capsys):
     report = capsys.readouterr().out
     assert "policy.min_confidence" in report and "held out:" in report
     settings = load_router_settings(policy)
-    assert settings.policy.estimator == "combiner"
-    assert f"combiner on edge model {fitted['model']}" in policy.read_text()
+    assert settings.policy.estimator == "gain"  # the default when the policy names none
+    assert f"gain on edge model {fitted['model']}" in policy.read_text()

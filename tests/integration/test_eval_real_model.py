@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_node.combiner import calibration_path
+from edge_node.combiner import calibration_path, cloud_head_path
 from edge_node.service import build_edge_servicer
 from edge_node.settings import EdgeSettings
 from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
@@ -26,14 +26,15 @@ def default_edge():
     return load_backend(settings.model)
 
 
-async def test_the_default_edge_serves_the_combiner_fitted_for_it(default_edge):
+async def test_the_default_edge_serves_the_gain_fitted_for_it(default_edge):
     path = calibration_path(default_edge.info.model)
-    assert path.is_file(), (
-        f"no combiner weights for the default edge model {default_edge.info.model}: "
-        "recalibrate (README, Confidence)"
-    )
+    for weights in (path, cloud_head_path(path)):
+        assert weights.is_file(), (
+            f"no {weights.name} for the default edge model {default_edge.info.model}: "
+            "recalibrate (README, Confidence)"
+        )
     servicer = build_edge_servicer(EdgeSettings(), default_edge)
-    assert servicer.estimator is not None and servicer.estimator.name == "combiner"
+    assert servicer.estimator is not None and servicer.estimator.name == "gain"
     request = GenerationRequest(
         (ChatMessage("user", "What is the capital of France?"),),
         SamplingParams(max_new_tokens=32),

@@ -154,3 +154,27 @@ def test_probabilities_stay_finite_for_extreme_states():
     for scale in (1e3, -1e3):
         p = weights.probability(train[0]["features"], [scale] * HIDDEN)
         assert 0.0 <= p <= 1.0 and not math.isnan(p)
+
+
+async def test_gain_without_a_cloud_head_falls_back_to_the_combiner(tmp_path, caplog, monkeypatch):
+    import edge_node.combiner as combiner_module
+
+    backend = tiny_backend()
+    try:
+        records = _records(200, seed=8)
+        for r in records:
+            r["cloud_correct"] = None
+        model = backend.info.model
+        monkeypatch.setattr(combiner_module, "CALIBRATION_DIR", tmp_path)
+        fit_from_items(records, model, "calib", "synthetic", out=tmp_path / "w.json")
+        monkeypatch.setattr(
+            combiner_module,
+            "calibration_path",
+            lambda _model, directory=tmp_path: tmp_path / "w.json",
+        )
+        with caplog.at_level(logging.WARNING):
+            estimator = edge_estimator("gain", backend, EstimatorSettings())
+        assert estimator.name == "combiner"
+        assert "no cloud-head weights" in caplog.text and "serving with combiner" in caplog.text
+    finally:
+        await backend.close()

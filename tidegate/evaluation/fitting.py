@@ -126,14 +126,16 @@ def fit_from_items(
     path = out or calibration_path(model)
     try:
         edge = _fit_head(usable, "edge_correct", model, provenance, l2, "edge")
-        with_cloud = [r for r in usable if r.get("cloud_correct") is not None]
-        cloud = None
-        if len(with_cloud) == len(usable):
+    except ValueError as exc:
+        raise ConfigError(f"cannot fit the combiner on {source}: {exc}") from exc
+    cloud, no_cloud = None, "the items have no cloud answers (evaluated with --edge-only)"
+    if all(r.get("cloud_correct") is not None for r in usable):
+        try:
             cloud = _fit_head(
                 usable, "cloud_correct", model, provenance, l2, cloud_model or "cloud"
             )
-    except ValueError as exc:
-        raise ConfigError(f"cannot fit the combiner on {source}: {exc}") from exc
+        except ValueError as exc:
+            no_cloud = str(exc).replace("the combiner", "the cloud head")
     _write(edge, path)
     labels = [bool(r["edge_correct"]) for r in usable]
     scores = [edge.probability(r["features"], r.get("prompt_state")) for r in usable]
@@ -143,7 +145,9 @@ def fit_from_items(
         f"{auroc(scores, labels) or float('nan'):.3f}, ECE {ece(scores, labels) or 0.0:.3f}; "
         f"wrote {path}"
     )
-    if cloud is not None:
+    if cloud is None:
+        summary += f"\ncloud head (gain) not fitted: {no_cloud}"
+    else:
         _write(cloud, cloud_head_path(path))
         right = [bool(r["cloud_correct"]) for r in usable]
         p_cloud = [cloud.probability(r["features"], r.get("prompt_state")) for r in usable]
