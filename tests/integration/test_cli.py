@@ -7,32 +7,16 @@ exactly what a user sees.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from router.service import serve_router
 from router.settings import RouterSettings
+from tests.support.cli import tidegate
 from tests.support.tiny_models import start_tiny_node
 from tidegate.server import wait_for_health
-
-
-async def tidegate(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tidegate",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 A real uvicorn server on 127.0.0.1 port 0 in the test's event loop, started by
 ``serve_router`` beside gRPC, over the real pipeline and real ModelNode servers
-running tiny random transformers models (``Stack`` from test_router_e2e). It is
+running tiny random transformers models (``tests.support.stack``). It is
 called with the official ``openai`` client and with plain HTTP (httpx).
 
 As in test_router_e2e, a tiny model's confidence means nothing, so the tier is
@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import ssl
-import sys
 import uuid
 from typing import Any
 
@@ -27,14 +25,15 @@ import pytest
 
 from router.service import serve_router
 from router.settings import RouterSettings
-from tests.integration.test_router_e2e import (
+from tests.support.certs import TestCA
+from tests.support.cli import spawn_tidegate
+from tests.support.stack import (
     QUESTION,
     CountingBackend,
-    Stack,
+    busy_port,
     closed_port_address,
     cloud_backend,
 )
-from tests.support.certs import TestCA
 from tests.support.tiny_models import tiny_backend
 
 KEEP_EDGE = {"tidegate": {"min_confidence": 0.0}}
@@ -58,21 +57,9 @@ def sse_events(text: str) -> list[str]:
 
 
 @pytest.fixture
-async def stack():
-    from contextlib import AsyncExitStack
-
-    async with AsyncExitStack() as exits:
-        yield Stack(exits)
-
-
-@pytest.fixture
 async def duo(stack):
     """A counted edge and a counted cloud; returns (http base URL, edge, cloud)."""
-    edge = CountingBackend(tiny_backend(seed=0))
-    cloud = CountingBackend(cloud_backend())
-    edge_server = await stack.node("edge", edge)
-    cloud_server = await stack.node("cloud", cloud, estimator=None)
-    await stack.router([edge_server.address], [cloud_server.address])
+    edge, cloud = await stack.counted_pair()
     assert stack.server.http_url.startswith("http://127.0.0.1:")
     assert not stack.server.http_url.endswith(":8080")  # port 0: a free port
     return stack.server.http_url, edge, cloud
@@ -371,12 +358,7 @@ async def test_cache_control_extension(duo):
 
 
 async def test_early_edge_tokens_are_withdrawn_by_a_restart_chunk(stack):
-    edge = CountingBackend(tiny_backend(seed=0))
-    edge_server = await stack.node("edge", edge)
-    cloud_server = await stack.node("cloud", CountingBackend(cloud_backend()), estimator=None)
-    await stack.router(
-        [edge_server.address], [cloud_server.address], stream={"early_edge_tokens": True}
-    )
+    edge, _ = await stack.counted_pair(stream={"early_edge_tokens": True})
     response = await post(stack.server.http_url, ask(stream=True, **ESCALATE))
     assert response.status_code == 200
     chunks = [json.loads(e) for e in sse_events(response.text)[:-1]]
@@ -419,18 +401,7 @@ async def test_router_serve_prints_the_openai_url_and_serves_it(tmp_path, stack)
         ),
         encoding="utf-8",
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tidegate",
-        "router",
-        "serve",
-        "--config",
-        str(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ},
-    )
+    proc = await spawn_tidegate("router", "serve", "--config", str(config))
     try:
         url = None
         while url is None:
@@ -494,14 +465,8 @@ async def test_tidegate_edge_with_the_edge_down_is_503(stack):
 
 
 async def test_a_privacy_pin_outranks_tidegate_cloud(stack):
-    edge = CountingBackend(tiny_backend(seed=0))
-    cloud = CountingBackend(cloud_backend())
-    edge_server = await stack.node("edge", edge)
-    cloud_server = await stack.node("cloud", cloud, estimator=None)
-    await stack.router(
-        [edge_server.address],
-        [cloud_server.address],
-        rules=[{"name": "private", "tags": ["private"], "route": "edge_only"}],
+    edge, cloud = await stack.counted_pair(
+        rules=[{"name": "private", "tags": ["private"], "route": "edge_only"}]
     )
     pinned = {"tidegate": {"tags": ["private"]}}
     response = await post(stack.server.http_url, ask(model="tidegate-cloud", **pinned))
@@ -524,13 +489,7 @@ async def guarded(stack):
     Returns (base URL, edge, cloud)."""
     from router.auth import hash_key
 
-    edge = CountingBackend(tiny_backend(seed=0))
-    cloud = CountingBackend(cloud_backend())
-    edge_server = await stack.node("edge", edge)
-    cloud_server = await stack.node("cloud", cloud, estimator=None)
-    await stack.router(
-        [edge_server.address],
-        [cloud_server.address],
+    edge, cloud = await stack.counted_pair(
         tenants=[
             {"name": "acme", "api_key_hashes": [hash_key(ACME_KEY)]},
             {"name": "globex", "api_key_hashes": [hash_key(GLOBEX_KEY)]},
@@ -693,14 +652,9 @@ async def test_connections_have_nagle_off(duo, stack):
 
 
 async def test_a_busy_http_port_fails_startup_naming_the_field(stack):
-    import socket
-
     from tidegate.errors import ConfigError
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with busy_port() as port:
         settings = RouterSettings.model_validate(
             {
                 "listen": "127.0.0.1:0",

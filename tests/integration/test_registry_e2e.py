@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -20,47 +19,17 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from edge_node.estimators import build_estimator
 from router.service import RouterServer, serve_router
 from router.settings import RouterSettings
+from tests.support.stack import REDIS_URL, CountingBackend, Stack
 from tests.support.tiny_models import tiny_backend
-from tidegate.backend import BackendInfo, Generation, ModelBackend
-from tidegate.chat import GenerationRequest
 from tidegate.client import build_request
-from tidegate.node_servicer import ModelNodeServicer, NodeLimits
-from tidegate.server import RunningServer, start_server, wait_for_health
+from tidegate.server import RunningServer, wait_for_health
 from tidegate.v1 import registry_pb2, registry_pb2_grpc, router_pb2, router_pb2_grpc
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 # The raw stub sends no heartbeats of its own: leases outlive each test, except
 # where a test is about expiry.
 FAST_REGISTRY = {"heartbeat_interval_s": 0.1, "ttl_s": 30.0, "refresh_interval_s": 0.05}
-
-
-class SlowCounted:
-    """A real tiny backend, counted (and slowed) on the node side."""
-
-    def __init__(self, inner: ModelBackend, delay_s: float = 0.0) -> None:
-        self.inner = inner
-        self.delay_s = delay_s
-        self.calls = 0
-
-    @property
-    def info(self) -> BackendInfo:
-        return self.inner.info
-
-    async def generate(self, request: GenerationRequest) -> Generation:
-        self.calls += 1
-        await asyncio.sleep(self.delay_s)
-        return await self.inner.generate(request)
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
-        self.calls += 1
-        async for item in self.inner.stream(request):
-            yield item
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class Cluster:
@@ -68,15 +37,11 @@ class Cluster:
 
     def __init__(self, exits: AsyncExitStack) -> None:
         self.exits = exits
+        self.nodes = Stack(exits)
 
     async def node(self, backend: Any, role: str = "edge") -> RunningServer:
-        estimator = build_estimator("seq_prob") if role == "edge" else None
-        servicer = ModelNodeServicer(backend, role, estimator, NodeLimits(16, 256))
-        server = await start_server([servicer.service()], "127.0.0.1:0")
-        self.exits.push_async_callback(backend.close)
-        self.exits.push_async_callback(server.stop, 0)
-        await wait_for_health(server.address, timeout=10)
-        return server
+        estimator = "seq_prob" if role == "edge" else None
+        return await self.nodes.node(role, backend, estimator, max_new_tokens_limit=256)
 
     async def router(self, cloud: str, **overrides: Any) -> RouterServer:
         data: dict[str, Any] = {
@@ -208,7 +173,10 @@ async def test_the_least_loaded_edge_is_asked_first(cluster, cloud):
 async def test_the_routers_own_in_flight_calls_spread_concurrent_requests(cluster, cloud):
     """Equal reported loads: without counting its own calls in flight the router
     would send both concurrent requests to the first edge."""
-    one, two = SlowCounted(tiny_backend(seed=0), 0.5), SlowCounted(tiny_backend(seed=2), 0.5)
+    one, two = (
+        CountingBackend(tiny_backend(seed=0), 0.5),
+        CountingBackend(tiny_backend(seed=2), 0.5),
+    )
     servers = [await cluster.node(one), await cluster.node(two)]
     router = await cluster.router(cloud.address)
     stub, registry = await cluster.stubs(router)
@@ -302,7 +270,7 @@ async def test_router_replicas_share_the_registry_through_redis(cluster, cloud):
         "cache": {"url": REDIS_URL, "key_prefix": prefix + "cache:"},
         "registry": {**FAST_REGISTRY, "key_prefix": prefix + "registry:"},
     }
-    edge = SlowCounted(tiny_backend(seed=0))
+    edge = CountingBackend(tiny_backend(seed=0))
     edge_server = await cluster.node(edge)
     one = await cluster.router(cloud.address, **shared)
     two = await cluster.router(cloud.address, **shared)

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
-from contextlib import AsyncExitStack
 
 import grpc
 import pytest
 
 from router.auth import hash_key
-from tests.integration.test_router_e2e import (
+from tests.support.cli import tidegate
+from tests.support.stack import (
     QUESTION,
     CountingBackend,
-    Stack,
     ask,
     cloud_backend,
     status_code,
@@ -42,18 +38,10 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 
 
 @pytest.fixture
-async def keyed():
+async def keyed(stack):
     """A router with tenants, over a counted edge and cloud."""
-    async with AsyncExitStack() as exits:
-        stack = Stack(exits)
-        edge = CountingBackend(tiny_backend(seed=0))
-        cloud = CountingBackend(cloud_backend())
-        edge_server = await stack.node("edge", edge)
-        cloud_server = await stack.node("cloud", cloud, estimator=None)
-        await stack.router(
-            [edge_server.address], [cloud_server.address], tenants=TENANTS, budgets=BUDGETS
-        )
-        yield stack, edge, cloud
+    edge, cloud = await stack.counted_pair(tenants=TENANTS, budgets=BUDGETS)
+    return stack, edge, cloud
 
 
 async def test_missing_wrong_or_malformed_key_is_unauthenticated(keyed):
@@ -127,33 +115,16 @@ async def test_without_tenants_auth_is_off_and_the_body_names_the_tenant(duo_sta
 
 
 @pytest.fixture
-async def duo_stack():
-    async with AsyncExitStack() as exits:
-        stack = Stack(exits)
-        cloud = CountingBackend(cloud_backend())
-        edge_server = await stack.node("edge", tiny_backend(seed=0))
-        cloud_server = await stack.node("cloud", cloud, estimator=None)
-        await stack.router([edge_server.address], [cloud_server.address])
-        yield stack, cloud
+async def duo_stack(stack):
+    cloud = CountingBackend(cloud_backend())
+    edge_server = await stack.node("edge", tiny_backend(seed=0))
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router([edge_server.address], [cloud_server.address])
+    return stack, cloud
 
 
 async def _drain(call):
     return [event async for event in call]
-
-
-async def _tidegate(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tidegate",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_cli_sends_the_api_key_from_the_flag_or_the_environment(keyed):
@@ -161,18 +132,18 @@ async def test_cli_sends_the_api_key_from_the_flag_or_the_environment(keyed):
     router = stack.server.address
     question = ["ask", "--router", router, "--json", "--min-confidence", "0", QUESTION]
     env = {"TIDEGATE_API_KEY": ""}
-    code, out, err = await _tidegate(*question, "--api-key", KEY_ACME, env=env)
+    code, out, err = await tidegate(*question, "--api-key", KEY_ACME, env=env)
     assert code == 0, err
     assert '"tier": "edge"' in out
-    code, out, err = await _tidegate(*question, env={"TIDEGATE_API_KEY": KEY_GLOBEX})
+    code, out, err = await tidegate(*question, env={"TIDEGATE_API_KEY": KEY_GLOBEX})
     assert code == 0, err
-    code, out, err = await _tidegate(*question, env=env)
+    code, out, err = await tidegate(*question, env=env)
     assert code == 1 and "UNAUTHENTICATED" in err and "requires an API key" in err
-    code, out, err = await _tidegate("hash-key", KEY_ACME)
+    code, out, err = await tidegate("hash-key", KEY_ACME)
     assert code == 0 and out.strip() == hash_key(KEY_ACME)
-    code, out, err = await _tidegate("status", "--router", router, "--json", env=env)
+    code, out, err = await tidegate("status", "--router", router, "--json", env=env)
     assert code == 1 and "UNAUTHENTICATED" in err
-    code, out, err = await _tidegate(
+    code, out, err = await tidegate(
         "status", "--router", router, "--json", "--api-key", KEY_ADMIN, env=env
     )
     assert code == 0, err

@@ -12,32 +12,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from contextlib import AsyncExitStack
 from typing import Any
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from tests.integration.test_router_e2e import (
+from tests.support.stack import (
     REDIS_URL,
     CountingBackend,
-    Stack,
     ask,
     cloud_backend,
     status_code,
 )
-from tests.support.tiny_models import tiny_backend
 from tidegate.v1 import router_pb2
 
 LIMIT = 400
 FACTOR = 4.0
-
-
-@pytest.fixture
-async def stack():
-    async with AsyncExitStack() as exits:
-        yield Stack(exits)
 
 
 def budgets(**limits: Any) -> dict[str, Any]:
@@ -118,17 +109,10 @@ async def tight(stack):
     """A budget no cloud call fits in, over a counted edge and cloud."""
 
     async def start(on_over_budget: str) -> tuple[CountingBackend, CountingBackend]:
-        edge = CountingBackend(tiny_backend(seed=0))
-        cloud = CountingBackend(cloud_backend())
-        edge_server = await stack.node("edge", edge)
-        cloud_server = await stack.node("cloud", cloud, estimator=None)
-        await stack.router(
-            [edge_server.address],
-            [cloud_server.address],
+        return await stack.counted_pair(
             budgets=budgets(cloud_tokens_per_minute=20),
             policy={"on_over_budget": on_over_budget},
         )
-        return edge, cloud
 
     return start
 

@@ -9,32 +9,26 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from contextlib import AsyncExitStack
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from tests.integration.test_router_e2e import (
+from tests.support.stack import (
     REDIS_URL,
     CountingBackend,
+    PacedBackend,
     Stack,
     ask,
     cloud_backend,
+    collect,
     status_code,
 )
-from tests.integration.test_router_stream import PacedBackend, collect
 from tests.support.tiny_models import tiny_backend, tiny_model_and_tokenizer
 from tidegate.v1 import router_pb2, router_pb2_grpc
 
 BYPASS = router_pb2.CACHE_CONTROL_BYPASS
 REFRESH = router_pb2.CACHE_CONTROL_REFRESH
-
-
-@pytest.fixture
-async def stack():
-    async with AsyncExitStack() as exits:
-        yield Stack(exits)
 
 
 def cloud_backend_as(model_id: str):  # type: ignore[no-untyped-def]
@@ -199,7 +193,7 @@ async def test_unknown_cache_control_is_invalid_argument(stack):
 
 
 async def test_cli_no_cache_and_refresh_cache(stack):
-    from tests.integration.test_cli import tidegate
+    from tests.support.cli import tidegate
 
     cloud = CountingBackend(cloud_backend())
     cloud_server = await stack.node("cloud", cloud, estimator=None)

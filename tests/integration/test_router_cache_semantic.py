@@ -7,25 +7,21 @@ is cacheable; the near-misses below are asked against it.
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
-
 import pytest
 
-from tests.integration.test_router_e2e import QUESTION, CountingBackend, Stack, ask, cloud_backend
+from tests.support.stack import QUESTION, CountingBackend, Stack, ask, cloud_backend
 from tidegate.v1 import router_pb2
 
 PARAPHRASE = "Tell me the capital of France, please."
 
 
 @pytest.fixture
-async def semantic_router():
-    async with AsyncExitStack() as exits:
-        stack = Stack(exits)
-        cloud = CountingBackend(cloud_backend())
-        cloud_server = await stack.node("cloud", cloud, estimator=None)
-        semantic = {"enabled": True, "min_similarity": 0.9}
-        await stack.router([], [cloud_server.address], cache={"semantic": semantic})
-        yield stack, cloud
+async def semantic_router(stack):
+    cloud = CountingBackend(cloud_backend())
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    semantic = {"enabled": True, "min_similarity": 0.9}
+    await stack.router([], [cloud_server.address], cache={"semantic": semantic})
+    return stack, cloud
 
 
 async def status(stack: Stack) -> router_pb2.StatusResponse:

@@ -6,27 +6,19 @@ tiny model slowed on the node side (CountingBackend.delay_s)."""
 from __future__ import annotations
 
 import time
-from contextlib import AsyncExitStack
 
 import grpc
-import pytest
 
-from tests.integration.test_router_e2e import (
+from tests.support.router_stack import start_router, target
+from tests.support.stack import (
     CountingBackend,
     Stack,
     ask,
     cloud_backend,
     status_code,
 )
-from tests.support.router_stack import start_router, target
 from tests.support.tiny_models import tiny_backend
 from tidegate.v1 import router_pb2
-
-
-@pytest.fixture
-async def stack():
-    async with AsyncExitStack() as exits:
-        yield Stack(exits)
 
 
 async def slow_edge_stack(stack: Stack, delay_s: float, **router: object):

@@ -4,16 +4,14 @@ servers over tiny random transformers models, a real Redis for the Redis cache.
 A tiny random model's confidence means nothing, so decisions are driven by the
 per-request min_confidence: 0 keeps the edge answer, 1 escalates (a random
 model is never certain). Node calls are counted on the node side by wrapping
-the real backend (``CountingBackend``), not by mocking the router.
+the real backend (``CountingBackend``), not by mocking the router. The stack
+helpers live in tests/support/stack.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import AsyncExitStack
 from typing import Any
 
 import grpc
@@ -22,167 +20,25 @@ import redis.asyncio as aioredis
 
 from router.service import serve_router
 from router.settings import RouterSettings
-from tests.support.tiny_models import tiny_backend, tiny_model_and_tokenizer
-from tidegate.backend import BackendInfo, Generation, ModelBackend
-from tidegate.chat import GenerationRequest, SamplingParams
-from tidegate.client import build_request
-from tidegate.node_servicer import ModelNodeServicer, NodeLimits
-from tidegate.server import RunningServer, start_server, wait_for_health
-from tidegate.v1 import common_pb2, router_pb2, router_pb2_grpc
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-QUESTION = "What is the capital of France?"
-
-
-class CountingBackend:
-    """A real backend, counted (and optionally slowed or cut) on the node side."""
-
-    def __init__(self, inner: ModelBackend, delay_s: float = 0.0, cut_stream: bool = False) -> None:
-        self.inner = inner
-        self.delay_s = delay_s
-        self.cut_stream = cut_stream
-        self.calls = 0
-
-    @property
-    def info(self) -> BackendInfo:
-        return self.inner.info
-
-    async def generate(self, request: GenerationRequest) -> Generation:
-        self.calls += 1
-        await asyncio.sleep(self.delay_s)
-        return await self.inner.generate(request)
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
-        self.calls += 1
-        await asyncio.sleep(self.delay_s)
-        async for item in self.inner.stream(request):
-            yield item
-            if self.cut_stream and isinstance(item, str) and item:
-                raise RuntimeError("node crashed mid-stream")
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-class FixedEstimator:
-    """A confidence estimator with a known score, to test exact thresholds."""
-
-    extra_cost = "none"
-
-    def __init__(self, score: float) -> None:
-        self.name = f"fixed_{score}"
-        self.value = score
-
-    async def score(self, request: GenerationRequest, generation: Generation) -> float:
-        return self.value
-
-
-def cloud_backend(context_length: int = 512) -> ModelBackend:
-    """The cloud stand-in: seed-0 weights under its own model id.
-
-    Random tiny models rarely emit end-of-sequence; seed 0 answers QUESTION in
-    9 tokens (finish STOP), so its answers are complete and cacheable.
-    """
-    from tidegate.inference.transformers_backend import TransformersBackend
-
-    model, tokenizer = tiny_model_and_tokenizer(seed=0)
-    return TransformersBackend(
-        model,
-        tokenizer,
-        model_id="tiny-cloud@tiny",
-        context_length=context_length,
-        quantization="none",
-    )
-
-
-def closed_port_address() -> str:
-    """A loopback address nothing listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"127.0.0.1:{port}"
-
-
-class Stack:
-    """Starts nodes and routers for one test and stops them all afterwards."""
-
-    def __init__(self, exits: AsyncExitStack) -> None:
-        self.exits = exits
-
-    async def node(
-        self,
-        role: str,
-        backend: ModelBackend,
-        estimator: Any = "seq_prob",
-        default_max_new_tokens: int = 16,
-    ) -> RunningServer:
-        if estimator == "seq_prob":
-            from edge_node.estimators import build_estimator
-
-            estimator = build_estimator("seq_prob")
-        servicer = ModelNodeServicer(
-            backend, role, estimator, NodeLimits(default_max_new_tokens, 4096)
-        )
-        server = await start_server([servicer.service()], "127.0.0.1:0")
-        self.exits.push_async_callback(backend.close)
-        self.exits.push_async_callback(server.stop, 0)
-        await wait_for_health(server.address, timeout=10)
-        return server
-
-    async def router(self, edge: list[str], cloud: list[str], **overrides: Any) -> str:
-        edge_timeout_s = overrides.pop("edge_timeout_s", 30)
-        data: dict[str, Any] = {
-            "listen": "127.0.0.1:0",
-            "http": {"listen": "127.0.0.1:0"},  # not the default 8080: tests run side by side
-            "metrics": {"port": 0},  # nor the default 9464
-            "edge": [
-                {"name": f"edge{i}", "address": a, "timeout_s": edge_timeout_s}
-                for i, a in enumerate(edge)
-            ],
-            "cloud": [{"name": f"cloud{i}", "address": a} for i, a in enumerate(cloud)],
-            "policy": {
-                "version": "test-7",
-                "default_max_new_tokens": 16,
-                **overrides.pop("policy", {}),
-            },
-            **overrides,
-        }
-        server = await serve_router(RouterSettings.model_validate(data))
-        self.exits.push_async_callback(server.stop, 0)
-        self.server = server  # the last router started (http_url: its OpenAI endpoint)
-        await wait_for_health(server.address, timeout=10)
-        channel = grpc.aio.insecure_channel(server.address)
-        self.exits.push_async_callback(channel.close)
-        self.stub = router_pb2_grpc.RouterStub(channel)
-        self.channel = channel
-        return server.address
-
-
-@pytest.fixture
-async def stack():
-    async with AsyncExitStack() as exits:
-        yield Stack(exits)
+from tests.support.stack import (
+    REDIS_URL,
+    CountingBackend,
+    FixedEstimator,
+    ask,
+    closed_port_address,
+    cloud_backend,
+    status_code,
+)
+from tests.support.tiny_models import tiny_backend
+from tidegate.chat import SamplingParams
+from tidegate.v1 import common_pb2, router_pb2
 
 
 @pytest.fixture
 async def duo(stack):
     """A counted edge and a counted cloud, and a router over both."""
-    edge = CountingBackend(tiny_backend(seed=0))
-    cloud = CountingBackend(cloud_backend())
-    edge_server = await stack.node("edge", edge)
-    cloud_server = await stack.node("cloud", cloud, estimator=None)
-    await stack.router([edge_server.address], [cloud_server.address])
+    edge, cloud = await stack.counted_pair()
     return stack, edge, cloud
-
-
-def ask(question: str = QUESTION, **kwargs: Any) -> router_pb2.GenerateRequest:
-    return build_request(question, **kwargs)
-
-
-async def status_code(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    return info.value.code(), info.value.details() or ""
 
 
 # -- routing ---------------------------------------------------------------------
@@ -364,11 +220,7 @@ async def test_cached_edge_answer_serves_only_thresholds_it_meets(stack):
 
 
 async def test_truncated_edge_answer_escalates_and_truncated_cloud_is_not_cached(stack):
-    edge = CountingBackend(tiny_backend(seed=0))
-    cloud = CountingBackend(cloud_backend())
-    edge_server = await stack.node("edge", edge)
-    cloud_server = await stack.node("cloud", cloud, estimator=None)
-    await stack.router([edge_server.address], [cloud_server.address])
+    edge, cloud = await stack.counted_pair()
     request = ask(min_confidence=0.0, sampling=SamplingParams(max_new_tokens=1))
     r = await stack.stub.Generate(request, timeout=30)
     if r.tier == router_pb2.TIER_EDGE:  # the edge ended in one token: nothing to test

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import AsyncExitStack
 from typing import Any
 
 import grpc
-import pytest
 
-from tests.integration.test_router_e2e import (
+from tests.support.router_stack import start_router, target
+from tests.support.stack import (
     CountingBackend,
     Stack,
     ask,
@@ -23,7 +22,6 @@ from tests.integration.test_router_e2e import (
     cloud_backend,
     status_code,
 )
-from tests.support.router_stack import start_router, target
 from tests.support.tiny_models import tiny_backend
 from tidegate.backend import Generation
 from tidegate.chat import GenerationRequest
@@ -46,12 +44,6 @@ class FailingBackend(CountingBackend):
                 self.failures_left -= 1
             raise RuntimeError("model crashed")
         return await super().generate(request)
-
-
-@pytest.fixture
-async def stack():
-    async with AsyncExitStack() as exits:
-        yield Stack(exits)
 
 
 async def status_of(stack: Stack, name: str) -> router_pb2.NodeStatus:

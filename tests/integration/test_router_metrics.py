@@ -3,19 +3,16 @@ requests (tiny model nodes on loopback)."""
 
 from __future__ import annotations
 
-import socket
-from contextlib import AsyncExitStack
-
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.service import serve_router
 from router.settings import RouterSettings
-from tests.integration.test_router_e2e import (
+from tests.support.stack import (
     CountingBackend,
-    Stack,
     ask,
+    busy_port,
     closed_port_address,
     cloud_backend,
     status_code,
@@ -23,12 +20,6 @@ from tests.integration.test_router_e2e import (
 from tests.support.tiny_models import tiny_backend
 from tidegate.errors import ConfigError
 from tidegate.v1 import router_pb2
-
-
-@pytest.fixture
-async def stack():
-    async with AsyncExitStack() as exits:
-        yield Stack(exits)
 
 
 class Scrape:
@@ -175,10 +166,7 @@ async def test_only_the_metrics_path_is_served_and_openmetrics_is_negotiated(sta
 
 
 async def test_a_port_in_use_fails_the_startup_naming_the_field():
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with busy_port() as port:
         settings = RouterSettings.model_validate(
             {
                 "listen": "127.0.0.1:0",

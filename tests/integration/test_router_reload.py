@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import sys
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,8 @@ import yaml
 from router.auth import hash_key
 from router.service import serve_router
 from router.settings import load_router_settings
-from tests.integration.test_router_e2e import (
+from tests.support.cli import spawn_tidegate
+from tests.support.stack import (
     CountingBackend,
     Stack,
     ask,
@@ -33,14 +31,12 @@ from tidegate.v1 import router_pb2, router_pb2_grpc
 
 
 @pytest.fixture
-async def nodes():
-    async with AsyncExitStack() as exits:
-        stack = Stack(exits)
-        edge = CountingBackend(tiny_backend(seed=0))
-        cloud = CountingBackend(cloud_backend())
-        edge_server = await stack.node("edge", edge)
-        cloud_server = await stack.node("cloud", cloud, estimator=None)
-        yield stack, edge_server.address, cloud_server.address, cloud
+async def nodes(stack):
+    edge = CountingBackend(tiny_backend(seed=0))
+    cloud = CountingBackend(cloud_backend())
+    edge_server = await stack.node("edge", edge)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    return stack, edge_server.address, cloud_server.address, cloud
 
 
 def config(edge: str, cloud: str, **sections: Any) -> dict[str, Any]:
@@ -153,17 +149,8 @@ async def test_sighup_reloads_a_running_router_process(nodes, tmp_path):
     stack, edge, cloud_address, _ = nodes
     path = tmp_path / "router.yaml"
     write(path, config(edge, cloud_address))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tidegate",
-        "router",
-        "serve",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    process = await spawn_tidegate(
+        "router", "serve", "--config", str(path), env={"PYTHONUNBUFFERED": "1"}
     )
     try:
         assert process.stdout is not None

@@ -5,20 +5,18 @@ for unary and streamed requests; forced tiers; per-tenant thresholds."""
 from __future__ import annotations
 
 import uuid
-from contextlib import AsyncExitStack
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from tests.integration.test_router_e2e import (
+from tests.support.stack import (
     REDIS_URL,
     CountingBackend,
     FixedEstimator,
     Stack,
     ask,
     closed_port_address,
-    cloud_backend,
     status_code,
 )
 from tests.support.tiny_models import tiny_backend
@@ -35,34 +33,26 @@ EMAIL_QUESTION = "Write to alice@example.com: what is the capital of France?"
 
 
 @pytest.fixture
-async def ruled():
+async def ruled(stack):
     """Edge + cloud (counted) behind a router with RULES and a Redis cache."""
     prefix = f"tidegate-test:{uuid.uuid4().hex}:"
     client = aioredis.from_url(REDIS_URL)
-    async with AsyncExitStack() as exits:
-        stack = Stack(exits)
-        edge = CountingBackend(tiny_backend(seed=0))
-        cloud = CountingBackend(cloud_backend())
-        edge_server = await stack.node("edge", edge)
-        cloud_server = await stack.node("cloud", cloud, estimator=None)
-        await stack.router(
-            [edge_server.address],
-            [cloud_server.address],
-            rules=RULES,
-            cache={"url": REDIS_URL, "key_prefix": prefix, "ttl_s": 60},
-            policy={"min_confidence": 0.5},  # not the shipped (calibrated) default
-        )
+    edge, cloud = await stack.counted_pair(
+        rules=RULES,
+        cache={"url": REDIS_URL, "key_prefix": prefix, "ttl_s": 60},
+        policy={"min_confidence": 0.5},  # not the shipped (calibrated) default
+    )
 
-        async def keys() -> list[bytes]:
-            return [k async for k in client.scan_iter(match=prefix + "*")]
+    async def keys() -> list[bytes]:
+        return [k async for k in client.scan_iter(match=prefix + "*")]
 
-        try:
-            yield stack, edge, cloud, keys
-        finally:
-            found = await keys()
-            if found:
-                await client.delete(*found)
-            await client.aclose()
+    try:
+        yield stack, edge, cloud, keys
+    finally:
+        found = await keys()
+        if found:
+            await client.delete(*found)
+        await client.aclose()
 
 
 async def stream(stack: Stack, request: router_pb2.GenerateRequest) -> router_pb2.GenerateResponse:

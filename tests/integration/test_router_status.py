@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 import grpc
-import pytest
 
-from tests.integration.test_cli import tidegate
-from tests.integration.test_router_e2e import (
+from tests.support.cli import spawn_tidegate, tidegate
+from tests.support.stack import (
     CountingBackend,
     Stack,
     ask,
@@ -25,12 +22,6 @@ from tests.integration.test_router_e2e import (
 )
 from tests.support.tiny_models import tiny_backend
 from tidegate.v1 import router_pb2, router_pb2_grpc
-
-
-@pytest.fixture
-async def stack():
-    async with AsyncExitStack() as exits:
-        yield Stack(exits)
 
 
 async def test_status_reports_cooldowns_cache_and_budgets(stack):
@@ -88,19 +79,14 @@ async def test_json_logs_carry_the_request_id_of_the_response(tmp_path: Path):
             "registry: {enabled: false}\n"
             "policy: {default_max_new_tokens: 8}\n"
         )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tidegate",
+        proc = await spawn_tidegate(
             "--log-format",
             "json",
             "router",
             "serve",
             "--config",
             str(config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "TIDEGATE_LOG_FORMAT": "text"},  # the flag wins
+            env={"TIDEGATE_LOG_FORMAT": "text"},  # the flag wins
         )
         try:
             line = b""

@@ -1,5 +1,6 @@
 """GenerateStream through the router, with real nodes whose streams are slowed,
-stalled or cut on the node side (``PacedBackend`` wraps a real tiny model).
+stalled or cut on the node side (``tests.support.stack.PacedBackend`` wraps a
+real tiny model).
 
 Semantics under test (router.streaming): a cut or stalled node stream falls
 back like a failed call; a cloud stream cut after its first delta ends in
@@ -11,98 +12,26 @@ are never cached.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from typing import Any
 
 import grpc
 import pytest
 
-from tests.integration.test_router_e2e import (
+from tests.support.stack import (
     CountingBackend,
+    PacedBackend,
     Stack,
     ask,
     closed_port_address,
     cloud_backend,
+    collect,
 )
 from tests.support.tiny_models import tiny_backend
-from tidegate.backend import BackendInfo, Generation, ModelBackend
-from tidegate.chat import GenerationRequest
 from tidegate.v1 import router_pb2
-
-
-@pytest.fixture
-async def stack():
-    async with AsyncExitStack() as exits:
-        yield Stack(exits)
-
 
 # Long enough that a busy CPU (tests run side by side on 2 cores) never makes a
 # healthy tiny model look stalled; far below the 30 s a stalled node hangs.
 IDLE_S = 2.0
-
-
-class PacedBackend:
-    """A real backend whose stream is paced, stalled or cut on the node side.
-
-    ``delta_delay_s``: sleep before each delta. ``stall_after``: after that many
-    deltas, hang for ``stall_s`` (a stalled upstream). ``cut_after``: after
-    that many deltas, fail (a crashed upstream).
-    """
-
-    def __init__(
-        self,
-        inner: ModelBackend,
-        delta_delay_s: float = 0.0,
-        stall_after: int | None = None,
-        stall_s: float = 30.0,
-        cut_after: int | None = None,
-    ) -> None:
-        self.inner = inner
-        self.delta_delay_s = delta_delay_s
-        self.stall_after = stall_after
-        self.stall_s = stall_s
-        self.cut_after = cut_after
-        self.calls = 0
-
-    @property
-    def info(self) -> BackendInfo:
-        return self.inner.info
-
-    async def generate(self, request: GenerationRequest) -> Generation:
-        self.calls += 1
-        return await self.inner.generate(request)
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | Generation]:
-        self.calls += 1
-        sent = 0
-        async for item in self.inner.stream(request):
-            if isinstance(item, str):
-                if sent == self.stall_after:
-                    await asyncio.sleep(self.stall_s)
-                if sent == self.cut_after:
-                    raise RuntimeError("node crashed mid-stream")
-                await asyncio.sleep(self.delta_delay_s)
-                sent += 1
-            yield item
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-async def collect(call: Any) -> tuple[list[Any], router_pb2.GenerateResponse | None]:
-    """Every event in order (delta strings, Restart messages), then the final response."""
-    events: list[Any] = []
-    final = None
-    async for event in call:
-        kind = event.WhichOneof("kind")
-        if kind == "response":
-            final = event.response
-        elif kind == "restart":
-            events.append(event.restart)
-        else:
-            events.append(event.delta)
-    return events, final
 
 
 def after_restart(events: list[Any]) -> str:
@@ -262,7 +191,7 @@ async def test_degraded_after_restart_sends_the_edge_answer_again(stack):
 
 
 async def test_ask_stream_prints_the_restart_and_the_whole_answer(stack):
-    from tests.integration.test_cli import tidegate
+    from tests.support.cli import tidegate
 
     edge_server = await stack.node("edge", tiny_backend(seed=0))
     cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)

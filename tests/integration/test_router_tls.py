@@ -3,7 +3,6 @@ on loopback with certificates generated for this test session (tests.support.cer
 
 from __future__ import annotations
 
-import sys
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -12,8 +11,9 @@ import pytest
 
 from router.service import serve_router
 from router.settings import RouterSettings
-from tests.integration.test_router_e2e import CountingBackend, ask, cloud_backend, status_code
 from tests.support.certs import TestCA
+from tests.support.cli import tidegate
+from tests.support.stack import CountingBackend, ask, cloud_backend, status_code
 from tests.support.tiny_models import tiny_backend
 from tidegate.errors import ConfigError
 from tidegate.node_servicer import ModelNodeServicer, NodeLimits
@@ -173,8 +173,6 @@ async def test_bad_tls_files_fail_at_startup_naming_the_field(exits, pki, tmp_pa
 
 
 async def test_cli_asks_over_mutual_tls(exits, pki):
-    import asyncio
-
     cloud_server = await tls_node(exits, pki, "cloud", cloud_backend())
     server = {
         "cert_file": pki["server"].cert,
@@ -189,16 +187,10 @@ async def test_cli_asks_over_mutual_tls(exits, pki):
     router = await start_router(
         exits, [], [cloud_server.address], tls={"server": server, "nodes": nodes_tls}
     )
-    base = [sys.executable, "-m", "tidegate", "ask", "--router", router, "--json", "hi there"]
+    ask_hi = ["ask", "--router", router, "--json", "hi there"]
     tls_args = ["--ca", pki["ca"], "--cert", pki["client"].cert, "--key", pki["client"].key]
-    ok = await asyncio.create_subprocess_exec(
-        *base, *tls_args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(ok.communicate(), 60)
-    assert ok.returncode == 0, err.decode()
-    assert b'"tier": "cloud"' in out
-    no_cert = await asyncio.create_subprocess_exec(
-        *base, "--ca", pki["ca"], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(no_cert.communicate(), 60)
-    assert no_cert.returncode == 1 and b"UNAVAILABLE" in err
+    code, out, err = await tidegate(*ask_hi, *tls_args, timeout_s=60)
+    assert code == 0, err
+    assert '"tier": "cloud"' in out
+    code, _, err = await tidegate(*ask_hi, "--ca", pki["ca"], timeout_s=60)
+    assert code == 1 and "UNAVAILABLE" in err

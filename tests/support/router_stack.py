@@ -1,5 +1,5 @@
 """Starting a router for a test with its node targets spelled out (names,
-timeouts, expected latencies), beside ``tests.integration.test_router_e2e.Stack``
+timeouts, expected latencies), beside ``tests.support.stack.Stack``
 whose ``router`` takes bare addresses."""
 
 from __future__ import annotations
