@@ -102,6 +102,6 @@ def edge_estimator(
                 continue
             log.warning("%s; serving with %s instead", exc, fallback)
             return estimator
-        raise AssertionError("single-pass fallbacks need no weights")
+        raise AssertionError("single-pass fallbacks need no weights") from exc
     except ValueError as exc:
         raise ConfigError(f"estimator: {exc}") from exc

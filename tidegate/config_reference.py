@@ -90,7 +90,7 @@ def render() -> str:
     from edge_node.settings import EdgeSettings
     from router.settings import RouterSettings
 
-    sections = [
+    sections: list[tuple[str, type[BaseModel], str, str]] = [
         ("Router", RouterSettings, "tidegate router serve --config router.yaml", "TIDEGATE_ROUTER"),
         ("Edge node", EdgeSettings, "tidegate edge serve --config edge.yaml", "TIDEGATE_EDGE"),
         ("Cloud node", CloudSettings, "tidegate cloud serve --config cloud.yaml", "TIDEGATE_CLOUD"),
