@@ -17,7 +17,7 @@ from tidegate.evaluation.calibrate import Target, calibrate, replay, route_group
 from tidegate.evaluation.policy_yaml import MARKER, ValueUpdate, apply_updates
 
 
-def rec(score, edge, cloud, split="calib", tags=(), tenant="", estimator="combiner"):
+def rec(score, edge, cloud, split="calib", tags=(), tenant="", estimator="gain"):
     return {
         "confidence": {estimator: score},
         "edge_correct": edge,
@@ -49,7 +49,7 @@ def test_target_parsing():
 
 
 def test_target_escalation_picks_the_midpoint_below_the_budget():
-    result = calibrate(RECORDS, "combiner", Target(escalation=0.34))
+    result = calibrate(RECORDS, "gain", Target(escalation=0.34))
     # Escalating the two lowest (1/3) is the most accurate within the budget.
     assert result.threshold == pytest.approx(0.25)
     assert result.escalated == pytest.approx(1 / 3) and result.accuracy == pytest.approx(5 / 6)
@@ -58,19 +58,19 @@ def test_target_escalation_picks_the_midpoint_below_the_budget():
 
 
 def test_target_accuracy_escalates_the_least_that_reaches_it():
-    result = calibrate(RECORDS, "combiner", Target(accuracy=0.8))
+    result = calibrate(RECORDS, "gain", Target(accuracy=0.8))
     assert result.threshold == pytest.approx(0.25) and result.escalated == pytest.approx(1 / 3)
-    relative = calibrate(RECORDS, "combiner", Target(accuracy=1.0, relative_to_cloud=True))
+    relative = calibrate(RECORDS, "gain", Target(accuracy=1.0, relative_to_cloud=True))
     assert relative.accuracy >= 5 / 6 and relative.escalated == pytest.approx(1 / 3)
-    unreachable = calibrate(RECORDS, "combiner", Target(accuracy=0.99))
+    unreachable = calibrate(RECORDS, "gain", Target(accuracy=0.99))
     assert not unreachable.reached and unreachable.accuracy == pytest.approx(5 / 6)
 
 
 def test_extremes_and_replay():
-    assert calibrate(RECORDS, "combiner", Target(escalation=0.0)).threshold == 0.0
-    everything = calibrate(RECORDS, "combiner", Target(escalation=1.0))
+    assert calibrate(RECORDS, "gain", Target(escalation=0.0)).threshold == 0.0
+    everything = calibrate(RECORDS, "gain", Target(escalation=1.0))
     assert everything.escalated <= 1.0
-    escalated, accuracy, n = replay(RECORDS, "combiner", 0.35)
+    escalated, accuracy, n = replay(RECORDS, "gain", 0.35)
     assert (escalated, accuracy, n) == (0.5, pytest.approx(5 / 6), 6)
 
 
@@ -79,7 +79,7 @@ def test_needs_the_estimator_and_both_tiers():
         calibrate(RECORDS, "seq_prob", Target(escalation=0.2))
     edge_only = [dict(r, cloud_correct=None) for r in RECORDS]
     with pytest.raises(ValueError, match="without --edge-only"):
-        calibrate(edge_only, "combiner", Target(escalation=0.2))
+        calibrate(edge_only, "gain", Target(escalation=0.2))
 
 
 def test_items_go_to_the_first_rule_that_matches():
@@ -97,7 +97,7 @@ def test_items_go_to_the_first_rule_that_matches():
         rec(0.5, True, True),
     ]
     groups = route_groups(records, rules)
-    assert {k: [r["confidence"]["combiner"] for r in v] for k, v in groups.items()} == {
+    assert {k: [r["confidence"]["gain"] for r in v] for k, v in groups.items()} == {
         None: [0.4, 0.5],
         1: [0.2],
         2: [0.3],
@@ -194,7 +194,7 @@ def test_calibrate_command_updates_the_default_policy_keeping_the_rest(tmp_path,
     out = capsys.readouterr().out
     assert "threshold 0.2500" in out and "held out:    6 items" in out
     settings = load_router_settings(policy)
-    assert settings.policy.min_confidence == 0.25 and settings.policy.estimator == "combiner"
+    assert settings.policy.min_confidence == 0.25 and settings.policy.estimator == "gain"
     new = policy.read_text()
     assert "edge@abc/int8" in new and "held out (6 items)" in new
     # Every original line is still there (only min_confidence's value differs).
@@ -256,7 +256,8 @@ def test_calibrate_can_fit_the_combiner_first(tmp_path, capsys):
             mean_lp = -rng.random() * 3
             g = Generation("x", [1, 2], [mean_lp, mean_lp], [0.5, 0.5], FinishReason.STOP, 9, "m")
             right = rng.random() < math.exp(mean_lp)
-            record = rec(0.5, right, True, split="calib" if i % 2 else "test")
+            cloud_right = rng.random() < 0.6
+            record = rec(0.5, right, cloud_right, split="calib" if i % 2 else "test")
             f.write(json.dumps(record | {"features": features(g, "q")}) + "\n")
     (out / "metrics.json").write_text(json.dumps({"run": {"edge_model": "edge@abc/int8"}}))
     policy = tmp_path / "router.yaml"
@@ -266,7 +267,8 @@ def test_calibrate_can_fit_the_combiner_first(tmp_path, capsys):
                 "--combiner-file", str(weights), "--target-escalation", "0.3",
                 "--policy", str(policy), "--no-pin-estimator"])  # fmt: skip
     assert code == 0
-    assert "combiner fitted on 40 items" in capsys.readouterr().out
+    report = capsys.readouterr().out
+    assert "combiner fitted on 40 items" in report and "cloud head (gain) fitted" in report
     assert json.loads(weights.read_text())["model"] == "edge@abc/int8"
     settings = load_router_settings(policy)
     assert settings.policy.estimator is None and settings.policy.min_confidence != 0.5

@@ -16,7 +16,7 @@ def test_defaults():
     settings = EdgeSettings()
     assert settings.listen == "127.0.0.1:50052"
     assert (settings.model.source, settings.model.quantization) == ("smollm2-135m", "int4")
-    assert settings.estimator == "combiner"  # seq_prob where no weights fit the model
+    assert settings.estimator == "gain"  # combiner, then seq_prob, where no weights fit the model
     assert (settings.default_max_new_tokens, settings.max_new_tokens_limit) == (256, 2048)
 
 
