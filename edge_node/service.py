@@ -53,7 +53,17 @@ async def serve_edge(settings: EdgeSettings, backend: ModelBackend | None = None
         "edge node %s (%s, estimator %s) on %s",
         info.model,
         info.quantization,
-        settings.estimator,
+        _describe(servicer.estimator),
         running.address,
     )
     return running
+
+
+def _describe(estimator: object) -> str:
+    """The estimator actually served (after any fallback); for gain, the cloud model its
+    cloud head was fitted for: the head means nothing for another cloud."""
+    if estimator is None:
+        return "none"
+    name = str(getattr(estimator, "name", estimator))
+    cloud = getattr(estimator, "cloud", None)
+    return f"{name}, cloud head fitted for {cloud.predicts}" if cloud is not None else name

@@ -12,6 +12,7 @@ import pytest
 
 from edge_node.combiner import (
     L2_GRID,
+    CombinerEstimator,
     CombinerWeights,
     GainEstimator,
     choose_l2,
@@ -178,3 +179,15 @@ async def test_gain_without_a_cloud_head_falls_back_to_the_combiner(tmp_path, ca
         assert "no cloud-head weights" in caplog.text and "serving with combiner" in caplog.text
     finally:
         await backend.close()
+
+
+def test_the_edge_names_the_cloud_its_gain_was_fitted_for(tmp_path):
+    from edge_node.service import _describe
+
+    fitted = fit_from_items(
+        _records(200, seed=9), "m", "calib", "synthetic", out=tmp_path / "m.json", cloud_model="big"
+    )
+    gain = GainEstimator.for_model("m", fitted.path)
+    assert _describe(gain) == "gain, cloud head fitted for big"
+    assert _describe(CombinerEstimator(fitted.edge)) == "combiner"
+    assert _describe(None) == "none"
