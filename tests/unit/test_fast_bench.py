@@ -68,3 +68,19 @@ def test_without_llama_cpp_its_row_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp → ImportError
     result = edge_worker._measure_llama_cpp({"model": "smollm2-135m", "threads": 2})
     assert result == {"error": "llama-cpp-python is not installed (pip install -e '.[bench]')"}
+
+
+def test_per_round_ratios_pair_each_run_with_llama_cpps_in_the_same_round():
+    ours = [{"decode_tps": 140.0}, {"error": "worker exit 1"}, {"decode_tps": 150.0}]
+    llama = [{"decode_tps": 133.0}, {"decode_tps": 130.0}, {"decode_tps": 160.0}]
+    ratios = edge.round_ratios(ours, llama)
+    assert [round(r, 3) for r in ratios] == [1.053, 0.938]  # the failed round is left out
+    assert edge.round_ratios(ours, []) == []  # no llama.cpp: no ratios
+
+
+def test_the_table_shows_the_median_per_round_ratio():
+    row = {"variant": "default", "decode_tps": 150.0, "ttft_s": 0.04, "ttft_long_s": 0.5,
+           "peak_rss_mb": 700.0, "load_warm_s": 1.8, "decode_ratio_median": 1.031}  # fmt: skip
+    args = argparse.Namespace(model="smollm2-135m", threads=2, new_tokens=128, rounds=3)
+    line = next(x for x in edge.render([row], FACTS, args).splitlines() if x.startswith("default"))
+    assert "1.03" in line.split()  # the median of the per-round ratios, 2 places

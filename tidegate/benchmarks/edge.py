@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,16 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return best
 
 
+def round_ratios(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[float]:
+    """decode tok/s over llama.cpp's in the same round: both ran within seconds of each
+    other, so a ratio per round cancels the load that drifts between rounds."""
+    return [
+        ours["decode_tps"] / theirs["decode_tps"]
+        for ours, theirs in zip(runs, reference, strict=False)
+        if "error" not in ours and "error" not in theirs and theirs.get("decode_tps")
+    ]
+
+
 def _loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -145,6 +156,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
                     continue
                 extra = {"variant": asdict(variant), "long_prompt": cold["long_prompt"]}
                 runs[variant.name].append(_job(args, cache_dir, "measure", **extra))
+        reference = next((runs[v.name] for v in variants if v.name == "llama.cpp"), [])
         rows = []
         for variant in variants:
             prime = primes[variant.name]
@@ -161,6 +173,10 @@ def measure(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
                 rows.append(row)
                 continue
             row |= _best(measured)
+            ratios = round_ratios(runs[variant.name], reference)
+            if ratios:
+                row["decode_ratio_rounds"] = [round(r, 3) for r in ratios]
+                row["decode_ratio_median"] = statistics.median(ratios)
             if not variant.llama_cpp:
                 row["load_cold_s"] = cold["convert_s"] + prime["ready_s"]
                 row["compile_s"] = prime.get("compile_s")
@@ -187,11 +203,12 @@ def render(rows: list[dict[str, Any]], facts: dict[str, Any], args: argparse.Nam
         "(quantize); compile = AOT build of the decode step (once, in the background); "
         "warm = caches → ready to serve (after imports)",
         f"each variant in fresh processes; times: best of {args.rounds} interleaved rounds × 3 "
-        "repeats; RSS: the worst round",
+        "repeats; RSS: the worst round; ×round: median of the per-round decode ratios "
+        "(each round's run against llama.cpp's in the same round)",
     ]
     header = (
-        f"{'variant':<38} {'decode':>7} {'×llama':>6} {'TTFT':>6} {'×':>5} {'TTFT512':>7} "
-        f"{'×':>5} {'RSS MB':>6} {'×':>5} {'cold s':>6} {'warm s':>6} {'compile':>7}"
+        f"{'variant':<38} {'decode':>7} {'×llama':>6} {'×round':>6} {'TTFT':>6} {'×':>5} "
+        f"{'TTFT512':>7} {'×':>5} {'RSS MB':>6} {'×':>5} {'cold s':>6} {'warm s':>6} {'compile':>7}"
     )
     lines += [header, "-" * len(header)]
     for row in rows:
@@ -206,6 +223,7 @@ def render(rows: list[dict[str, Any]], facts: dict[str, Any], args: argparse.Nam
 
         lines.append(
             f"{row['variant']:<38} {row['decode_tps']:>7.1f} {ratio('decode_tps'):>6} "
+            f"{_cell(row.get('decode_ratio_median'), '6.2f'):>6} "
             f"{row['ttft_s']:>6.3f} {ratio('ttft_s'):>5} {row['ttft_long_s']:>7.3f} "
             f"{ratio('ttft_long_s'):>5} {row['peak_rss_mb']:>6.0f} {ratio('peak_rss_mb'):>5} "
             f"{_cell(row.get('load_cold_s'), '6.1f'):>6} "
