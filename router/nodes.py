@@ -261,6 +261,14 @@ class NodeClient:
             )
         except grpc.aio.AioRpcError as exc:
             self.health.failed(f"{exc.code().name}: {exc.details()}")
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError in a call whose channel was closed under it:
+            # the edge directory retires a node that left, maybe mid-probe. Only a
+            # cancellation of this task itself is ours to pass on.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self.health.failed("CANCELLED: the channel closed during the probe (the node left)")
         else:
             self.health.ok()
             self.health.model = info.model

@@ -48,3 +48,20 @@ async def test_unreachable_node_is_unavailable_and_recorded():
         assert not health.healthy and health.last_ok is None
     finally:
         await node.close()
+
+
+async def test_a_probe_cut_short_by_the_node_leaving_reports_it_and_never_cancels(tiny_edge_node):
+    """The edge directory closes a node's channel when the node leaves, maybe while a
+    Status probe of it is in flight: grpc.aio then raises CancelledError in the probe,
+    which took the whole Status RPC down (the client waited out its deadline)."""
+    node = NodeClient("e", tiny_edge_node.address, "edge", timeout_s=5.0)
+    cut = 0
+    for attempt in range(40):
+        probe = asyncio.create_task(node.probe())
+        await asyncio.sleep(attempt % 4 * 0.0005)  # the Info call is on the wire
+        await node.close()
+        health = await probe  # an answer either way, never CancelledError
+        cut += "closed" in health.last_error
+    assert cut >= 1  # the race was really exercised
+    assert (await node.probe()).healthy  # a fresh channel once asked again
+    await node.close()
