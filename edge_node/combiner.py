@@ -19,8 +19,10 @@ features (numpy only): a few dozen features and a few hundred items need no more
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -146,6 +148,13 @@ class Probe:
     scale: tuple[float, ...]
     coef: tuple[float, ...]
 
+    @functools.cached_property
+    def _folded(self) -> tuple[tuple[float, ...], float]:
+        """Σ w·(s − μ)/σ as Σ s·(w/σ) − Σ w·μ/σ: per answer, one pass over the state."""
+        slope = tuple(w / sd for w, sd in zip(self.coef, self.scale, strict=True))
+        offset = sum(w * mu for w, mu in zip(slope, self.mean, strict=True))
+        return slope, offset
+
     def logit(self, state: Sequence[float] | None) -> float:
         """The probe's share of the logit; 0 (the average state) when there is no state."""
         if state is None:
@@ -155,10 +164,8 @@ class Probe:
                 f"the prompt state has {len(state)} dimensions, the probe {len(self.coef)}: "
                 "the weights were fitted for another model"
             )
-        return sum(
-            w * (s - mu) / sd
-            for s, mu, sd, w in zip(state, self.mean, self.scale, self.coef, strict=True)
-        )
+        slope, offset = self._folded
+        return sum(map(operator.mul, state, slope)) - offset
 
     def to_json(self) -> dict[str, Any]:
         return {"mean": list(self.mean), "scale": list(self.scale), "coef": list(self.coef)}
@@ -345,18 +352,14 @@ def fit_combiner(
     )
 
 
-def _missing_weights(what: str, model: str, path: Path) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"no {what} for edge model {model} ({path} does not exist); fit them with "
-        "`tidegate eval` + `tidegate fit-combiner` (see README, Confidence), or choose a "
-        "single-pass estimator"
-    )
-
-
 def load_weights(path: Path, model: str, what: str = "combiner weights") -> CombinerWeights:
     """Weights fitted for ``model``; FileNotFoundError / ValueError saying what to run."""
     if not path.is_file():
-        raise _missing_weights(what, model, path)
+        raise FileNotFoundError(
+            f"no {what} for edge model {model} ({path} does not exist); fit them with "
+            "`tidegate eval` + `tidegate fit-combiner` (see README, Confidence), or choose a "
+            "single-pass estimator"
+        )
     weights = CombinerWeights.from_json(json.loads(path.read_text(encoding="utf-8")))
     if weights.model != model:
         raise ValueError(
@@ -377,8 +380,9 @@ class CombinerEstimator:
     async def score(self, request: GenerationRequest, generation: Generation) -> float:
         if not generation.logprobs:
             return 0.0
-        values = features(generation, question_of(request))
-        return self.weights.probability(values, generation.prompt_state)
+        return self.weights.probability(
+            features(generation, question_of(request)), generation.prompt_state
+        )
 
     @classmethod
     def load(cls, path: Path) -> CombinerEstimator:
@@ -413,14 +417,16 @@ class GainEstimator:
     name: str = "gain"
     extra_cost: str = "none"
 
-    async def score(self, request: GenerationRequest, generation: Generation) -> float:
-        if not generation.logprobs:
-            return 0.0
-        values = features(generation, question_of(request))
-        state = generation.prompt_state
+    def gain(self, values: Mapping[str, float], state: Sequence[float] | None) -> float:
+        """The score from the features (``features(g, question)``) and the prompt state."""
         return gain_score(
             self.edge.probability(values, state), self.cloud.probability(values, state)
         )
+
+    async def score(self, request: GenerationRequest, generation: Generation) -> float:
+        if not generation.logprobs:
+            return 0.0
+        return self.gain(features(generation, question_of(request)), generation.prompt_state)
 
     @classmethod
     def for_model(

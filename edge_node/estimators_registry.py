@@ -49,8 +49,10 @@ def _gain(backend: ModelBackend, options: EstimatorSettings) -> ConfidenceEstima
     return GainEstimator.for_model(backend.info.model, path, cloud)
 
 
-# Fitted estimators: without weights for the loaded model, the edge falls back.
+# Fitted estimators: without weights for the loaded model, the edge falls back, in this
+# order, then to EstimatorSettings.combiner_fallback (single-pass, needs no weights).
 FITTED = ("combiner", "gain")
+_FALLBACKS = {"gain": ("combiner",), "combiner": ()}
 MULTI_PASS: dict[str, Factory] = {
     "combiner": _combiner,
     "gain": _gain,
@@ -95,7 +97,7 @@ def edge_estimator(
         explicit = options.combiner_file or options.cloud_head_file
         if name not in FITTED or explicit:
             raise ConfigError(f"estimator: {exc}") from exc
-        for fallback in (*FITTED[: FITTED.index(name)][::-1], options.combiner_fallback):
+        for fallback in (*_FALLBACKS[name], options.combiner_fallback):
             try:
                 estimator = build_any_estimator(fallback, backend, options)
             except FileNotFoundError:

@@ -34,22 +34,19 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
     With ``--fit-combiner`` the combiner is fitted first on the calibration split
     (the weights file the edge node loads) and the items are scored with it.
     """
-    from tidegate.evaluation.fitting import cloud_model_of, data_of, edge_model_of, fit_from_items
+    from tidegate.evaluation.fitting import EvaluatedRun, fit_from_items
     from tidegate.evaluation.runner import read_items
 
     if not args.data.is_file():
         raise ConfigError(f"--data {args.data} does not exist")
     if _is_items_file(args.data):
-        records, model, source = read_items(args.data), edge_model_of(args.data), data_of(args.data)
+        records, run = read_items(args.data), EvaluatedRun.of(args.data)
+        model, source = run.edge_model, run.data
         if args.fit_combiner:
             fitted = fit_from_items(
-                records,
-                model,
-                args.split,
-                source,
-                out=args.combiner_file,
-                cloud_model=cloud_model_of(args.data),
-            )
+                records, model, args.split, source, out=args.combiner_file,
+                cloud_model=run.cloud_model,
+            )  # fmt: skip
             print(fitted.summary)
             fitted.rescore(records)
         return records, model, source
@@ -66,20 +63,19 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
         edge=load_config(EdgeSettings, args.edge_config, env_prefix="TIDEGATE_EDGE"),
         cloud=load_config(CloudSettings, args.cloud_config, env_prefix="TIDEGATE_CLOUD"),
     )
-    metrics = asyncio.run(evaluate(options))
-    model = metrics["run"]["edge_model"]
+    items = out / "items.jsonl"
+    run = EvaluatedRun.from_run(asyncio.run(evaluate(options))["run"], items)
     if args.fit_combiner:
-        records = read_items(out / "items.jsonl")
         configured = options.edge.estimator_options.combiner_file
         path = args.combiner_file or (Path(configured) if configured else None)
-        items = out / "items.jsonl"
         fitted = fit_from_items(
-            records, model, args.split, data_of(items), out=path, cloud_model=cloud_model_of(items)
-        )
+            read_items(items), run.edge_model, args.split, run.data, out=path,
+            cloud_model=run.cloud_model,
+        )  # fmt: skip
         print(fitted.summary)
-        metrics = asyncio.run(evaluate(options))  # cached outputs, now with the combiner
+        asyncio.run(evaluate(options))  # cached outputs, now scored by the fitted estimators
     print(f"evaluation of {args.data} in {out}", file=sys.stderr)
-    return read_items(out / "items.jsonl"), model, data_of(out / "items.jsonl")
+    return read_items(items), run.edge_model, run.data
 
 
 def _pct(x: float) -> str:

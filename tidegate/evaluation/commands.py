@@ -107,19 +107,14 @@ async def _eval(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from tidegate.evaluation.fitting import cloud_model_of, data_of, edge_model_of, fit_from_items
+    from tidegate.evaluation.fitting import EvaluatedRun, fit_from_items
     from tidegate.evaluation.runner import read_items
 
-    model = edge_model_of(args.items)
+    run = EvaluatedRun.of(args.items)
     fitted = fit_from_items(
-        read_items(args.items),
-        model,
-        args.split,
-        data_of(args.items),
-        args.l2,
-        args.out,
-        cloud_model_of(args.items),
-    )
+        read_items(args.items), run.edge_model, args.split, run.data, args.l2, args.out,
+        run.cloud_model,
+    )  # fmt: skip
     print(fitted.summary)
     return 0
 

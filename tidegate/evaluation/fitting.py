@@ -13,29 +13,31 @@ from typing import Any
 from tidegate.errors import ConfigError
 
 
-def edge_model_of(items_path: Path) -> str:
-    """The edge model identity recorded in the metrics.json beside ``items.jsonl``."""
-    metrics = items_path.parent / "metrics.json"
-    model = json.loads(metrics.read_text())["run"].get("edge_model") if metrics.exists() else None
-    if not model:
-        raise ConfigError(f"{metrics} does not name the edge model; run `tidegate eval` again")
-    return str(model)
+@dataclass(frozen=True)
+class EvaluatedRun:
+    """What the metrics.json beside an ``items.jsonl`` says about the run (read once)."""
 
+    edge_model: str
+    cloud_model: str | None
+    data: str  # the data file, with its sha256 prefix (provenance)
 
-def cloud_model_of(items_path: Path) -> str | None:
-    """The cloud model identity recorded beside ``items.jsonl`` (None if not recorded)."""
-    metrics = items_path.parent / "metrics.json"
-    return json.loads(metrics.read_text())["run"].get("cloud_model") if metrics.exists() else None
+    @classmethod
+    def of(cls, items_path: Path) -> EvaluatedRun:
+        metrics = items_path.parent / "metrics.json"
+        run = json.loads(metrics.read_text()).get("run", {}) if metrics.exists() else {}
+        return cls.from_run(run, items_path)
 
-
-def data_of(items_path: Path) -> str:
-    """The data file an items.jsonl was evaluated from, with its sha256 prefix (provenance)."""
-    metrics = items_path.parent / "metrics.json"
-    run = json.loads(metrics.read_text()).get("run", {}) if metrics.exists() else {}
-    if not run.get("data"):
-        return str(items_path)
-    digest = str(run.get("data_sha256") or "")[:12]
-    return f"{run['data']}" + (f" (sha256 {digest})" if digest else "")
+    @classmethod
+    def from_run(cls, run: Mapping[str, Any], items_path: Path) -> EvaluatedRun:
+        """From metrics.json's ``run`` section (as ``evaluate`` returns it)."""
+        if not run.get("edge_model"):
+            metrics = items_path.parent / "metrics.json"
+            raise ConfigError(f"{metrics} does not name the edge model; run `tidegate eval` again")
+        data = str(items_path)
+        if run.get("data"):
+            digest = str(run.get("data_sha256") or "")[:12]
+            data = f"{run['data']}" + (f" (sha256 {digest})" if digest else "")
+        return cls(str(run["edge_model"]), run.get("cloud_model"), data)
 
 
 @dataclass(frozen=True)

@@ -347,23 +347,19 @@ class TransformersBackend:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
+        # The decoder and the output layer separately (what the model's forward does with
+        # logits_to_keep=1): the last position's final hidden state comes for free, where
+        # output_hidden_states would keep every layer's states for the whole prompt.
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
         input_ids = torch.tensor([prompt_ids], dtype=torch.long)  # [1, prompt]
-        for _ in range(max_new_tokens):
+        for produced in range(max_new_tokens):
             if cancel.is_set():
                 raise _Cancelled
-            first = cache.get_seq_length() == 0
-            out = self.model(
-                input_ids=input_ids,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-                output_hidden_states=first,
-            )
-            logits = out.logits[0, -1]  # [vocab]
-            logprobs, entropy = token_signals(logits)
+            out = decoder(input_ids=input_ids, cache=cache, use_cache=True)
+            hidden = out.last_hidden_state[0, -1]  # [hidden], after the final norm
+            logprobs, entropy = token_signals(head(hidden))  # [vocab]
             token_id = sample_token(logprobs, sampling.temperature, sampling.top_p, generator)
-            # hidden_states[-1] is after the final norm, as the static decoder's
-            state = out.hidden_states[-1][0, -1].float() if first else None
+            state = hidden.float() if produced == 0 else None
             yield TokenStep(token_id, float(logprobs[token_id]), float(entropy), state)
             input_ids = torch.tensor([[token_id]], dtype=torch.long)  # [1, 1]
 
