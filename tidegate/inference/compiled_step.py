@@ -15,9 +15,14 @@ Lifecycle (``attach``):
   shared with the server; ~1 min for SmolLM2 on 2 busy cores) and switch to it
   at the first generation after it is ready (loaded on the serving thread).
 
-Measured for SmolLM2 int4 on 2 threads: build ~50 s, load 0.1 s and +90 MB
-RSS (the compiled step's own, pre-packed copy of the weights it multiplies
-by; the eager modules stay, for the prompt's prefill).
+The compiled step multiplies by the very tensors the eager modules hold (the
+prompt's prefill needs those anyway): the package is built without weights in
+its library, each weight is pickled beside it by name (``pickle_weights``),
+and at load the runtime is handed the eager modules' tensors by their module
+path (``load_constants``, user-managed: no copy). Only the weights that have
+no module path (a few scalars inductor made) are read from the package. A
+package whose weights were embedded cost +95 MB of RSS for SmolLM2 int4, a
+second copy of every weight.
 
 The package key covers what the compiled code depends on: the model identity,
 the quantization, the intra-op thread count (inductor bakes it into its
@@ -31,6 +36,7 @@ import argparse
 import functools
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
@@ -38,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +54,13 @@ from tidegate.inference.static_decoder import MIN_CAPACITY, StaticDecoder
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-# Weights as one blob beside the library, not inside it: loading a library that
-# holds them costs twice their size in RSS (mapped, then copied); a blob, once.
+FORMAT_VERSION = 3
+# Weights neither inside the library (loading it would copy them) nor in one blob
+# (loaded as one more copy), but pickled one by one under their module paths, so
+# that the loader can take the eager modules' own tensors instead (``_constants``).
 PACKAGE_OPTIONS = {
     "aot_inductor.package_constants_in_so": False,
-    "aot_inductor.package_constants_on_disk_format": "binary_blob",
+    "aot_inductor.package_constants_on_disk_format": "pickle_weights",
 }
 
 
@@ -123,13 +131,51 @@ def build_package(decoder: StaticDecoder, target: Path) -> float:
     return time.perf_counter() - started
 
 
-def load_package(target: Path) -> Any:
-    """The compiled step from ``target``: called like ``StaticDecoder.step_function``.
+def _state(decoder: StaticDecoder) -> dict[str, torch.Tensor]:
+    """The decoder's weights by the module paths the package names them with."""
+    return {
+        f"model.{name}": tensor for name, tensor in decoder.model.state_dict(keep_vars=True).items()
+    }
+
+
+def _constants(archive: zipfile.ZipFile, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Every weight the compiled code reads: the eager module's own tensor where the
+    package names one with the same shape, strides and dtype, else the package's copy."""
+    names = archive.namelist()
+    config_name = next(n for n in names if n.endswith("data/aotinductor/model/weights_config.json"))
+    root = config_name.removesuffix("aotinductor/model/weights_config.json")
+    stored: dict[str, torch.Tensor] = {}
+    constants: dict[str, Any] = {}
+    for name, (file, shape, stride, offset) in json.loads(archive.read(config_name)).items():
+        own = state.get(name)
+        if (
+            own is not None
+            and list(own.shape) == shape
+            and list(own.stride()) == stride
+            and own.storage_offset() == offset
+        ):
+            constants[name] = own.detach()
+            continue
+        if file not in stored:
+            with archive.open(f"{root}weights/{file}") as f:
+                stored[file] = torch.load(io.BytesIO(f.read()), weights_only=True)
+        constants[name] = torch.as_strided(stored[file], shape, stride, offset)
+    return constants
+
+
+def load_package(target: Path, decoder: StaticDecoder) -> Any:
+    """The compiled step from ``target``, multiplying by ``decoder``'s own weights:
+    called like ``StaticDecoder.step_function``.
 
     Through torch's C++ package loader: ``torch._inductor.aoti_load_package``
     would import inductor (~70 MB, ~1 s) just to wrap it in a pytree call.
     """
     loader = torch._C._aoti.AOTIModelPackageLoader(str(target), "model", False, 1, -1)
+    with zipfile.ZipFile(target) as archive:
+        constants = _constants(archive, _state(decoder))
+    # user-managed: the runtime keeps these tensors instead of copying them (the
+    # decoder holds them for as long as the step serves)
+    loader.load_constants(constants, False, True, True)
 
     def step(token, pos, k_caches, v_caches, cos, sin):  # type: ignore[no-untyped-def]
         logprobs, summary = loader.boxed_run([token, pos, *k_caches, *v_caches, cos, sin])
@@ -175,7 +221,7 @@ def attach(decoder: StaticDecoder, settings: Any, model_id: str, root: Path) -> 
     if target.is_file():
         try:
             started = time.perf_counter()
-            decoder.use_compiled(load_package(target))
+            decoder.use_compiled(load_package(target, decoder))
             log.info("loaded the compiled step %s in %.2fs", target, time.perf_counter() - started)
             return
         except Exception as exc:  # noqa: BLE001 - a stale or corrupt package is rebuilt
@@ -193,7 +239,7 @@ def attach(decoder: StaticDecoder, settings: Any, model_id: str, root: Path) -> 
             if child.returncode != 0:
                 output = _log_path(target).read_text(errors="replace").strip().splitlines()
                 raise RuntimeError(f"exit {child.returncode}: {' | '.join(output[-3:])}")
-            decoder.offer_compiled(lambda: load_package(target))
+            decoder.offer_compiled(lambda: load_package(target, decoder))
             log.info("compiled the decode step in %.0fs", time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - the eager step keeps serving
             decoder.compile_error = f"{type(exc).__name__}: {exc}"
