@@ -90,3 +90,32 @@ def test_a_bad_entry_is_made_again(tmp_path, caplog):
     assert isinstance(again.model.model.layers[0].mlp.down_proj, Int4Linear)
     torch.testing.assert_close(_logits(again.model), _logits(first.model), atol=0, rtol=0)
     assert prepare_model(_settings(folder, cache)).from_quantized_cache  # the entry was re-made
+
+
+def test_read_tensors_matches_safetensors_and_aligns_every_tensor(tmp_path):
+    """Our reader gives what safetensors gives, each tensor in its own 64-byte-aligned
+    buffer (the int8/int4 kernels crash on safetensors' 8-byte alignment)."""
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "odd_bytes": torch.randint(0, 255, (3, 5), dtype=torch.uint8, generator=generator),
+        "int8": torch.randint(-128, 127, (7, 3), dtype=torch.int8, generator=generator),
+        "int32": torch.randint(0, 16, (4, 4), dtype=torch.int32, generator=generator),
+        "bf16": torch.randn(5, 2, 2, generator=generator).to(torch.bfloat16),
+        "fp32": torch.randn(9, generator=generator),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "flag": torch.tensor([True, False, True]),
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    expected = load_file(str(path))
+    got = quantized_cache.read_tensors(path)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), name
+        assert got[name].numel() == 0 or got[name].data_ptr() % 64 == 0, name
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        quantized_cache.read_tensors(path)
