@@ -134,7 +134,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
             start, end = spec["data_offsets"]
             buffer = torch.empty(end - start, dtype=torch.uint8)
             f.seek(data_start + start)
-            if end > start and f.readinto(memoryview(buffer.numpy())) != end - start:
+            if end > start and f.readinto(buffer.numpy().data) != end - start:
                 raise ValueError(f"{path} is truncated at {name}")
             tensors[name] = buffer.view(_DTYPES[spec["dtype"]]).reshape(spec["shape"])
     return tensors
