@@ -181,3 +181,26 @@ async def test_int8_backend_answers():
     assert generation.completion_tokens == 8
     assert generation.model.endswith("/int8")
     assert all(math.isfinite(lp) and lp <= 0 for lp in generation.logprobs)
+
+
+async def test_an_output_layer_that_needs_2d_input_answers():
+    """torch.ao's dynamically quantized Linear (the bench's "int8 dynamic" variant)
+    rejects a 1-D input: the decode loop hands the output layer [1, hidden]."""
+    from tests.support.tiny_models import TINY_CONTEXT_LENGTH, tiny_model_and_tokenizer
+    from tidegate.inference.transformers_backend import TransformersBackend
+
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    backend = TransformersBackend(
+        model,
+        tokenizer,
+        model_id="tiny@dyn",
+        context_length=TINY_CONTEXT_LENGTH,
+        quantization="int8-dynamic",
+    )
+    generation = await backend.generate(ask(max_new_tokens=4))
+    assert (
+        generation.completion_tokens == 4
+        and len(generation.prompt_state) == model.config.hidden_size
+    )
+    assert all(math.isfinite(lp) and lp <= 0 for lp in generation.logprobs)

@@ -356,10 +356,12 @@ class TransformersBackend:
             if cancel.is_set():
                 raise _Cancelled
             out = decoder(input_ids=input_ids, cache=cache, use_cache=True)
-            hidden = out.last_hidden_state[0, -1]  # [hidden], after the final norm
-            logprobs, entropy = token_signals(head(hidden))  # [vocab]
+            # [1, hidden], after the final norm: kept 2-D, as some output layers require
+            # (torch.ao's dynamically quantized Linear rejects a 1-D input)
+            hidden = out.last_hidden_state[:, -1]
+            logprobs, entropy = token_signals(head(hidden)[0])  # [vocab]
             token_id = sample_token(logprobs, sampling.temperature, sampling.top_p, generator)
-            state = hidden.float() if produced == 0 else None
+            state = hidden[0].float() if produced == 0 else None
             yield TokenStep(token_id, float(logprobs[token_id]), float(entropy), state)
             input_ids = torch.tensor([[token_id]], dtype=torch.long)  # [1, 1]
 
