@@ -26,6 +26,7 @@ from edge_node.settings import EstimatorSettings
 from tests.support.tiny_models import tiny_backend
 from tidegate.backend import ConfidenceEstimator, Generation
 from tidegate.chat import ChatMessage, FinishReason, GenerationRequest
+from tidegate.errors import ConfigError
 from tidegate.evaluation.fitting import fit_from_items
 from tidegate.evaluation.metrics import auroc
 
@@ -133,6 +134,35 @@ def test_without_cloud_labels_only_the_combiner_is_fitted(tmp_path):
     assert fitted.cloud is None and not cloud_head_path(tmp_path / "m.json").exists()
     with pytest.raises(FileNotFoundError, match="no cloud-head weights"):
         GainEstimator.for_model("m", tmp_path / "m.json")
+
+
+def test_the_heads_can_be_fitted_on_different_items(tmp_path):
+    """The combiner on a large edge-only fitting set, the cloud head where the cloud
+    answered too: each fit keeps the other head's file as it is."""
+    path = tmp_path / "m.json"
+    edge_only = _records(400, seed=7, split="fit")
+    for r in edge_only:
+        r["cloud_correct"] = None
+    with_cloud = _records(300, seed=8)
+    with pytest.raises(ConfigError, match="keeps the edge head"):
+        fit_from_items(with_cloud, "m", "calib", "synthetic", out=path, heads="cloud")
+    first = fit_from_items(edge_only, "m", "fit", "fitting set", out=path, heads="edge")
+    assert first.cloud is None and not cloud_head_path(path).exists()
+    with pytest.raises(ConfigError, match="cannot fit the cloud head"):
+        fit_from_items(edge_only, "m", "fit", "fitting set", out=path, heads="cloud")
+    second = fit_from_items(
+        with_cloud, "m", "calib", "dev", out=path, cloud_model="big", heads="cloud"
+    )
+    assert second.edge.to_json() == first.edge.to_json()  # the combiner kept
+    assert second.cloud is not None and second.cloud.provenance["split"] == "calib"
+    assert json.loads(path.read_text())["provenance"]["split"] == "fit"
+    cloud_file = cloud_head_path(path).read_text()
+    third = fit_from_items(edge_only, "m", "fit", "fitting set", out=path, heads="edge")
+    assert cloud_head_path(path).read_text() == cloud_file  # the cloud head kept
+    assert third.cloud is not None and "kept as it is" in third.summary
+    records = _records(50, seed=9, split="test")
+    third.rescore(records)
+    assert all(0.0 <= r["confidence"]["gain"] <= 1.0 for r in records)
 
 
 async def test_gain_without_weights_falls_back_with_a_warning(caplog):

@@ -63,6 +63,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     fit.add_argument(
         "--l2", type=float, help="L2 penalty (default: chosen by 5-fold cross-validation)"
     )
+    fit.add_argument(
+        "--heads",
+        choices=("both", "edge", "cloud"),
+        default="both",
+        help="fit both heads (default), or only the combiner (edge) or only gain's cloud "
+        "head, keeping the other's file: e.g. the combiner on the fitting set evaluated "
+        "--edge-only, the cloud head on calib",
+    )
 
     add_calibrate_parser(sub)
 
@@ -113,7 +121,7 @@ def _fit(args: argparse.Namespace) -> int:
     run = EvaluatedRun.of(args.items)
     fitted = fit_from_items(
         read_items(args.items), run.edge_model, args.split, run.data, args.l2, args.out,
-        run.cloud_model,
+        run.cloud_model, args.heads,
     )  # fmt: skip
     print(fitted.summary)
     return 0

@@ -12,6 +12,8 @@ from typing import Any
 
 from tidegate.errors import ConfigError
 
+HEADS = ("both", "edge", "cloud")  # which heads fit-combiner fits (the others are kept)
+
 
 @dataclass(frozen=True)
 class EvaluatedRun:
@@ -99,13 +101,21 @@ def fit_from_items(
     l2: float | None = None,
     out: Path | None = None,
     cloud_model: str | None = None,
+    heads: str = "both",
 ) -> Fitted:
     """Fit on the ``split`` items, write the weights; ``l2=None``: chosen by 5-fold
     cross-validation on those items. With the probe when the items carry prompt
     states; with the gain estimator's cloud head (``<out>.cloud.json``) when they carry
-    the cloud's correctness too."""
-    from edge_node.combiner import FEATURES, calibration_path, cloud_head_path
+    the cloud's correctness too.
+
+    ``heads``: "edge" or "cloud" fits that head only and keeps the other's file, so
+    the two can be fitted on different items (the edge head on the large fitting set
+    answered by the edge alone, the cloud head where the cloud answered too)."""
+    from edge_node.combiner import FEATURES, calibration_path, cloud_head_path, load_weights
     from tidegate.evaluation.metrics import auroc, ece
+
+    if heads not in HEADS:
+        raise ConfigError(f"heads must be one of {', '.join(HEADS)}, not {heads!r}")
 
     usable = [
         r
@@ -126,27 +136,42 @@ def fit_from_items(
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     path = out or calibration_path(model)
-    try:
-        edge = _fit_head(usable, "edge_correct", model, provenance, l2, "edge")
-    except ValueError as exc:
-        raise ConfigError(f"cannot fit the combiner on {source}: {exc}") from exc
+    if heads == "cloud":
+        try:
+            edge = load_weights(path, model)  # kept as it is
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"--heads cloud keeps the edge head, but: {exc}") from exc
+        summary = f"combiner kept as it is ({path})"
+    else:
+        try:
+            edge = _fit_head(usable, "edge_correct", model, provenance, l2, "edge")
+        except ValueError as exc:
+            raise ConfigError(f"cannot fit the combiner on {source}: {exc}") from exc
+        _write(edge, path)
+        labels = [bool(r["edge_correct"]) for r in usable]
+        scores = [edge.probability(r["features"], r.get("prompt_state")) for r in usable]
+        summary = (
+            f"combiner fitted on {len(usable)} items ({sum(labels)} right, l2 "
+            f"{edge.provenance['l2']:g}, probe {'on' if edge.probe else 'off'}): in-sample "
+            f"AUROC {auroc(scores, labels) or float('nan'):.3f}, ECE "
+            f"{ece(scores, labels) or 0.0:.3f}; wrote {path}"
+        )
     cloud, no_cloud = None, "the items have no cloud answers (evaluated with --edge-only)"
-    if all(r.get("cloud_correct") is not None for r in usable):
+    if heads == "edge":
+        no_cloud = "--heads edge"
+        if cloud_head_path(path).is_file():
+            cloud = load_weights(cloud_head_path(path), model, "gain's cloud head")
+            summary += f"\ncloud head (gain) kept as it is ({cloud_head_path(path)})"
+            return Fitted(edge, cloud, path, summary)
+    elif all(r.get("cloud_correct") is not None for r in usable):
         try:
             cloud = _fit_head(
                 usable, "cloud_correct", model, provenance, l2, cloud_model or "cloud"
             )
         except ValueError as exc:
             no_cloud = str(exc).replace("the combiner", "the cloud head")
-    _write(edge, path)
-    labels = [bool(r["edge_correct"]) for r in usable]
-    scores = [edge.probability(r["features"], r.get("prompt_state")) for r in usable]
-    summary = (
-        f"combiner fitted on {len(usable)} items ({sum(labels)} right, l2 "
-        f"{edge.provenance['l2']:g}, probe {'on' if edge.probe else 'off'}): in-sample AUROC "
-        f"{auroc(scores, labels) or float('nan'):.3f}, ECE {ece(scores, labels) or 0.0:.3f}; "
-        f"wrote {path}"
-    )
+    if heads == "cloud" and cloud is None:
+        raise ConfigError(f"cannot fit the cloud head on {source}: {no_cloud}")
     if cloud is None:
         summary += f"\ncloud head (gain) not fitted: {no_cloud}"
     else:
