@@ -95,3 +95,41 @@ def test_oracle_and_targets():
     )
     none = accuracy_at_escalation(curve, 0.0)
     assert none is not None and none.escalated == 0.0
+
+
+def _record(category: str, right: bool, score: float) -> dict:
+    return {
+        "id": f"{category}-x",
+        "category": category,
+        "edge_correct": right,
+        "cloud_correct": None,
+        "confidence": {"s": score},
+    }
+
+
+def test_category_reference_and_within_category_auroc_by_hand():
+    from tidegate.evaluation.report import build_metrics, summary_table
+
+    records = [
+        # easy: 3 of 4 right; the score ranks them perfectly inside the category
+        _record("easy", True, 0.9),
+        _record("easy", True, 0.8),
+        _record("easy", True, 0.7),
+        _record("easy", False, 0.6),
+        # hard: 1 of 4 right; the score ranks it below every wrong one
+        _record("hard", True, 0.1),
+        _record("hard", False, 0.2),
+        _record("hard", False, 0.3),
+        _record("hard", False, 0.4),
+    ]
+    metrics = build_metrics(records, {})
+    # category rate: easy 0.75, hard 0.25. Right/wrong pairs: 4 right × 4 wrong = 16;
+    # easy-right vs hard-wrong 9 won, easy-right vs easy-wrong 3 tied, hard-right vs
+    # hard-wrong 3 tied, hard-right vs easy-wrong 1 lost: (9 + 3) / 16
+    assert metrics["category_reference_auroc"] == pytest.approx(12 / 16)
+    # within: easy 1.0 (4 items), hard 0.0 (4 items) → 0.5
+    assert metrics["estimators"]["s"]["within_category_auroc"] == pytest.approx(0.5)
+    assert "after the fact): 0.750" in summary_table(metrics)
+    one_kind = build_metrics([r | {"category": "all"} for r in records], {})
+    assert one_kind["category_reference_auroc"] is None
+    assert one_kind["estimators"]["s"]["within_category_auroc"] is None

@@ -67,6 +67,7 @@ def build_metrics(
             "items": len(scored),
             "extra_cost": costs.get(name),
             "auroc": auroc(scores, right),
+            "within_category_auroc": _within_category_auroc(scored, scores, right),
             "prr": prr(scores, right),
             "ece": ece(scores, right),
         }
@@ -85,8 +86,47 @@ def build_metrics(
                 {**budget.to_dict(), "threshold": _finite(budget.threshold)} if budget else None
             )
         metrics["estimators"][name] = entry
+    metrics["category_reference_auroc"] = _category_reference_auroc(edge)
     metrics["by_category"] = _by_category(records)
     return metrics
+
+
+def _category(record: Mapping[str, Any]) -> str:
+    return str(record.get("category") or "-")
+
+
+def _category_reference_auroc(edge: Sequence[Mapping[str, Any]]) -> float | None:
+    """AUROC of scoring each item by its category's edge accuracy on these very items.
+
+    Not an estimator (the accuracy is known only after grading): the share of an
+    AUROC that knowing what kind of question it is already explains. An estimator
+    near it ranks categories, not answers; above it, it tells answers apart within one.
+    """
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r in edge:
+        groups[_category(r)].append(bool(r["edge_correct"]))
+    if len(groups) < 2:
+        return None
+    rate = {c: sum(v) / len(v) for c, v in groups.items()}
+    return auroc([rate[_category(r)] for r in edge], [bool(r["edge_correct"]) for r in edge])
+
+
+def _within_category_auroc(
+    scored: Sequence[Mapping[str, Any]], scores: Sequence[float], right: Sequence[bool]
+) -> float | None:
+    """The AUROC inside each category, averaged weighted by items, over the categories
+    that have both right and wrong answers: how well the score tells answers apart
+    among questions of one kind."""
+    groups: dict[str, tuple[list[float], list[bool]]] = defaultdict(lambda: ([], []))
+    for r, score, ok in zip(scored, scores, right, strict=True):
+        groups[_category(r)][0].append(score)
+        groups[_category(r)][1].append(ok)
+    if len(groups) < 2:
+        return None
+    weighted = [(len(s), auroc(s, ok)) for s, ok in groups.values()]
+    known = [(n, a) for n, a in weighted if a is not None]
+    total = sum(n for n, _ in known)
+    return sum(n * a for n, a in known) / total if total else None
 
 
 def _by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -121,7 +161,7 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
         f"{metrics['items']} items" + (f" (split {run['split']})" if run.get("split") else ""),
     ]
     header = (
-        f"{'estimator':14} {'AUROC':>6} {'PRR':>6} {'ECE':>6}  "
+        f"{'estimator':14} {'AUROC':>6} {'in cat.':>7} {'PRR':>6} {'ECE':>6}  "
         f"{'esc. for target':>15}  {'acc. at 25%':>11}  extra cost"
     )
     lines += [header, "-" * len(header)]
@@ -129,7 +169,8 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
         reach = e.get("to_reach_target")
         budget = e.get("at_escalation_budget")
         lines.append(
-            f"{name:14} {_fmt(e['auroc']):>6} {_fmt(e['prr']):>6} {_fmt(e['ece']):>6}  "
+            f"{name:14} {_fmt(e['auroc']):>6} {_fmt(e.get('within_category_auroc')):>7} "
+            f"{_fmt(e['prr']):>6} {_fmt(e['ece']):>6}  "
             f"{_fmt(reach['escalated'] if reach else None, pct=True):>15}  "
             f"{_fmt(budget['accuracy'] if budget else None, pct=True):>11}  "
             f"{e.get('extra_cost') or '-'}"
@@ -144,6 +185,12 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
             else ""
         )
     )
+    if metrics.get("category_reference_auroc") is not None:
+        lines.append(
+            f"AUROC of knowing only each category's edge accuracy (after the fact): "
+            f"{_fmt(metrics['category_reference_auroc'])}; in cat.: AUROC within each category, "
+            "weighted by items"
+        )
     if "targets" in metrics:
         lines.append(
             f"target: accuracy ≥ {_fmt(metrics['targets']['accuracy'], pct=True)} "
