@@ -119,3 +119,16 @@ def test_read_tensors_matches_safetensors_and_aligns_every_tensor(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(ValueError, match="truncated"):
         quantized_cache.read_tensors(path)
+
+
+def test_caches_are_keyed_by_the_cpu(tmp_path, monkeypatch):
+    """The int4 packing differs between AVX-512 (blocks of 64 rows) and AVX2 (32): a cache
+    built on one kind of CPU is never read on another (nor its compiled step)."""
+    from tidegate.inference import compiled_step
+
+    entry = quantized_cache.entry_dir(tmp_path, "m@x", "int4")
+    package = compiled_step.package_path(tmp_path, "m@x", "int4", 2)
+    other = "AVX2" if torch.backends.cpu.get_cpu_capability() != "AVX2" else "AVX512"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    assert quantized_cache.entry_dir(tmp_path, "m@x", "int4") != entry
+    assert compiled_step.package_path(tmp_path, "m@x", "int4", 2) != package

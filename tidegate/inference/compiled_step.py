@@ -26,8 +26,10 @@ second copy of every weight.
 
 The package key covers what the compiled code depends on: the model identity,
 the quantization, the intra-op thread count (inductor bakes it into its
-OpenMP loops), torch's version and the source of the modules that define the
-step, so editing them or upgrading torch rebuilds it.
+OpenMP loops), torch's version, the CPU's capability (inductor compiles for
+it, and the int4 weights' packing differs between AVX-512 and AVX2) and the
+source of the modules that define the step, so editing them, upgrading torch
+or moving the cache to another kind of CPU rebuilds it.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def package_path(root: Path, model_id: str, quantization: str, threads: int) -> 
     torch_version = torch.__version__.split("+")[0]
     key = hashlib.sha256(
         f"{FORMAT_VERSION}|{model_id}|{quantization}|{threads}|{torch_version}|"
-        f"{_code_fingerprint()}".encode()
+        f"{torch.backends.cpu.get_cpu_capability()}|{_code_fingerprint()}".encode()
     ).hexdigest()[:16]
     safe_id = model_id.replace("/", "--").replace("@", "-")
     return root / "compiled" / safe_id / f"step-{quantization}-{threads}t-{key}.pt2"

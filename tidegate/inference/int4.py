@@ -16,9 +16,10 @@ linears that do not fit are left to the caller (see ``int4_fits``).
 
 Long prompts: the kernel is ~3× slower than a bf16 matmul at 512 rows, so
 ``Int4Linear`` can unpack its weight to bf16 (``dequantize``) for prefill.
-The unpacking reads the kernel's private packed layout, so it is verified
-once per process against the packing op (``unpack_supported``) and disabled
-if torch ever changes the layout.
+The unpacking reads the kernel's private packed layout, which depends on the
+CPU (blocks of 64 output rows with AVX-512, of 32 with AVX2), so the block is
+found once per process by packing a known matrix (``packing_block``), and
+unpacking is disabled if neither layout inverts it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 from torch import nn
 
 DEFAULT_GROUP = 32
-_INNER_K_TILES = 2  # any of 2/4/8 works on CPU; the layout below assumes N-blocks of 64
-_BLOCK_N = 64
+_INNER_K_TILES = 2  # any of 2/4/8 works on CPU
+_BLOCKS_N = (64, 32)  # the kernel's blocks of output rows: 64 with AVX-512, 32 with AVX2
 
 
 def int4_fits(linear: nn.Linear, group_size: int) -> bool:
@@ -68,26 +69,42 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), _INNER_K_TILES)
 
 
-def unpack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """The inverse of ``pack_int4`` for ``out_features % 64 == 0`` (uint8 [out, in]).
-
-    The CPU layout, per block of 64 output rows: byte [col, r] holds row r
-    (low nibble) and row r + 32 (high nibble) of that column.
-    """
-    blocks = packed.view(out_features // _BLOCK_N, in_features, _BLOCK_N // 2)  # [nb, in, 32]
-    rows = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [nb, in, 64]
+def _unpack(packed: torch.Tensor, out_features: int, in_features: int, block: int) -> torch.Tensor:
+    """The CPU layout, per block of ``block`` output rows: byte [col, r] holds row r
+    (low nibble) and row r + block / 2 (high nibble) of that column."""
+    blocks = packed.view(out_features // block, in_features, block // 2)  # [nb, in, block/2]
+    rows = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [nb, in, block]
     return rows.transpose(1, 2).reshape(out_features, in_features)
 
 
 @functools.cache
-def unpack_supported() -> bool:
-    """Whether ``unpack_int4`` inverts this torch build's packing (checked once)."""
+def packing_block() -> int | None:
+    """The kernel's block of output rows on this CPU, found by packing a known matrix
+    (once per process); None if no known layout inverts this torch build's packing."""
     generator = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (2 * _BLOCK_N, 64), dtype=torch.int32, generator=generator)
-    try:
-        return torch.equal(unpack_int4(pack_int4(q), *q.shape).to(torch.int32), q)
-    except RuntimeError:
-        return False
+    q = torch.randint(0, 16, (2 * max(_BLOCKS_N), 64), dtype=torch.int32, generator=generator)
+    packed = pack_int4(q)
+    for block in _BLOCKS_N:
+        try:
+            if torch.equal(_unpack(packed, q.shape[0], q.shape[1], block).to(torch.int32), q):
+                return block
+        except RuntimeError:
+            continue
+    return None
+
+
+def unpack_supported() -> bool:
+    """Whether ``unpack_int4`` can invert this torch build's packing on this CPU."""
+    return packing_block() is not None
+
+
+def unpack_int4(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The inverse of ``pack_int4`` (uint8 [out, in]), for ``out_features`` a multiple
+    of ``packing_block()``."""
+    block = packing_block()
+    if block is None:
+        raise RuntimeError("this torch build packs int4 weights in a layout tidegate cannot read")
+    return _unpack(packed, out_features, in_features, block)
 
 
 class Int4Linear(nn.Module):
@@ -129,7 +146,8 @@ class Int4Linear(nn.Module):
 
     @property
     def can_dequantize(self) -> bool:
-        return self.out_features % _BLOCK_N == 0 and unpack_supported()
+        block = packing_block()
+        return block is not None and self.out_features % block == 0
 
     def dequantize(self) -> torch.Tensor:
         """The bf16 weight [out, in] this module multiplies by (exactly, up to bf16)."""

@@ -4,9 +4,10 @@ Layout: ``<cache root>/quantized/<model identity>/<scheme>-<key>/`` holding
 ``weights.safetensors`` (every parameter and buffer of the quantized model,
 non-persistent ones included, each shared tensor once) and ``meta.json``
 (which names alias which, and what the entry was made from). ``key`` is a
-hash of the scheme, this file's format version and torch's major.minor
-version (the int4 packing is torch's private layout), so a new scheme or torch
-gets a new entry; the model identity (``smollm2-135m@b179c9523d0e``: name and
+hash of the scheme, this file's format version, torch's major.minor
+version and the CPU's capability (the int4 packing is torch's private layout,
+and differs between AVX-512 and AVX2), so a new scheme, torch or CPU gets a
+new entry; the model identity (``smollm2-135m@b179c9523d0e``: name and
 weights' sha256 or fingerprint) invalidates entries when the weights change.
 
 Loading builds the model skeleton on the meta device (no memory, no random
@@ -39,7 +40,12 @@ CACHED_SCHEMES = ("int8", "int4")
 def entry_dir(root: Path, model_id: str, scheme: str) -> Path:
     """Where ``model_id`` quantized as ``scheme`` lives (created on store)."""
     torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    key = hashlib.sha256(f"{scheme}|{FORMAT_VERSION}|torch{torch_version}".encode()).hexdigest()
+    # The int4 kernel's packed layout depends on the CPU (blocks of 64 rows with
+    # AVX-512, 32 with AVX2): a cache copied to another kind of CPU must not be read.
+    cpu = torch.backends.cpu.get_cpu_capability()
+    key = hashlib.sha256(
+        f"{scheme}|{FORMAT_VERSION}|torch{torch_version}|{cpu}".encode()
+    ).hexdigest()
     safe_id = model_id.replace("/", "--").replace("@", "-")
     return root / "quantized" / safe_id / f"{scheme}-{key[:12]}"
 
