@@ -9,6 +9,8 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from tidegate.evaluation.fitting import HEADS
+
 COMMANDS = ("eval", "fit-combiner", "calibrate")
 
 
@@ -65,7 +67,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     fit.add_argument(
         "--heads",
-        choices=("both", "edge", "cloud"),
+        choices=HEADS,
         default="both",
         help="fit both heads (default), or only the combiner (edge) or only gain's cloud "
         "head, keeping the other's file: e.g. the combiner on the fitting set evaluated "

@@ -111,7 +111,7 @@ def fit_from_items(
     ``heads``: "edge" or "cloud" fits that head only and keeps the other's file, so
     the two can be fitted on different items (the edge head on the large fitting set
     answered by the edge alone, the cloud head where the cloud answered too)."""
-    from edge_node.combiner import FEATURES, calibration_path, cloud_head_path, load_weights
+    from edge_node.combiner import FEATURES, calibration_path, load_weights
     from tidegate.evaluation.metrics import auroc, ece
 
     if heads not in HEADS:
@@ -156,31 +156,49 @@ def fit_from_items(
             f"AUROC {auroc(scores, labels) or float('nan'):.3f}, ECE "
             f"{ece(scores, labels) or 0.0:.3f}; wrote {path}"
         )
-    cloud, no_cloud = None, "the items have no cloud answers (evaluated with --edge-only)"
+    cloud, line = _cloud_head(usable, heads, model, provenance, l2, cloud_model, path, source)
+    return Fitted(edge, cloud, path, f"{summary}\n{line}")
+
+
+def _cloud_head(
+    usable: Sequence[Mapping[str, Any]],
+    heads: str,
+    model: str,
+    provenance: dict[str, Any],
+    l2: float | None,
+    cloud_model: str | None,
+    edge_path: Path,
+    source: str,
+) -> tuple[Any | None, str]:
+    """Gain's cloud head — kept (``--heads edge``), fitted and written, or none — and the
+    summary line saying which. ``--heads cloud`` without one is an error."""
+    from edge_node.combiner import cloud_head_path, load_weights
+    from tidegate.evaluation.metrics import auroc
+
+    path = cloud_head_path(edge_path)
     if heads == "edge":
-        no_cloud = "--heads edge"
-        if cloud_head_path(path).is_file():
-            cloud = load_weights(cloud_head_path(path), model, "gain's cloud head")
-            summary += f"\ncloud head (gain) kept as it is ({cloud_head_path(path)})"
-            return Fitted(edge, cloud, path, summary)
-    elif all(r.get("cloud_correct") is not None for r in usable):
+        if path.is_file():
+            kept = load_weights(path, model, "gain's cloud head")
+            return kept, f"cloud head (gain) kept as it is ({path})"
+        return None, "cloud head (gain) not fitted: --heads edge"
+    why = "the items have no cloud answers (evaluated with --edge-only)"
+    cloud = None
+    if all(r.get("cloud_correct") is not None for r in usable):
         try:
             cloud = _fit_head(
                 usable, "cloud_correct", model, provenance, l2, cloud_model or "cloud"
             )
         except ValueError as exc:
-            no_cloud = str(exc).replace("the combiner", "the cloud head")
-    if heads == "cloud" and cloud is None:
-        raise ConfigError(f"cannot fit the cloud head on {source}: {no_cloud}")
+            why = str(exc).replace("the combiner", "the cloud head")
     if cloud is None:
-        summary += f"\ncloud head (gain) not fitted: {no_cloud}"
-    else:
-        _write(cloud, cloud_head_path(path))
-        right = [bool(r["cloud_correct"]) for r in usable]
-        p_cloud = [cloud.probability(r["features"], r.get("prompt_state")) for r in usable]
-        summary += (
-            f"\ncloud head (gain) fitted on the same items ({sum(right)} right for "
-            f"{cloud.predicts}, l2 {cloud.provenance['l2']:g}): in-sample AUROC "
-            f"{auroc(p_cloud, right) or float('nan'):.3f}; wrote {cloud_head_path(path)}"
-        )
-    return Fitted(edge, cloud, path, summary)
+        if heads == "cloud":
+            raise ConfigError(f"cannot fit the cloud head on {source}: {why}")
+        return None, f"cloud head (gain) not fitted: {why}"
+    _write(cloud, path)
+    right = [bool(r["cloud_correct"]) for r in usable]
+    p_cloud = [cloud.probability(r["features"], r.get("prompt_state")) for r in usable]
+    return cloud, (
+        f"cloud head (gain) fitted on the same items ({sum(right)} right for "
+        f"{cloud.predicts}, l2 {cloud.provenance['l2']:g}): in-sample AUROC "
+        f"{auroc(p_cloud, right) or float('nan'):.3f}; wrote {path}"
+    )

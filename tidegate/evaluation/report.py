@@ -119,8 +119,9 @@ def _within_category_auroc(
     among questions of one kind."""
     groups: dict[str, tuple[list[float], list[bool]]] = defaultdict(lambda: ([], []))
     for r, score, ok in zip(scored, scores, right, strict=True):
-        groups[_category(r)][0].append(score)
-        groups[_category(r)][1].append(ok)
+        group_scores, group_right = groups[_category(r)]
+        group_scores.append(score)
+        group_right.append(ok)
     if len(groups) < 2:
         return None
     weighted = [(len(s), auroc(s, ok)) for s, ok in groups.values()]

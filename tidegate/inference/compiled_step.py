@@ -142,7 +142,8 @@ def _state(decoder: StaticDecoder) -> dict[str, torch.Tensor]:
 
 def _constants(archive: zipfile.ZipFile, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Every weight the compiled code reads: the eager module's own tensor where the
-    package names one with the same shape, strides and dtype, else the package's copy."""
+    package names one with the same shape and strides (the package records no more), else
+    the package's copy."""
     names = archive.namelist()
     config_name = next(n for n in names if n.endswith("data/aotinductor/model/weights_config.json"))
     root = config_name.removesuffix("aotinductor/model/weights_config.json")
@@ -159,8 +160,8 @@ def _constants(archive: zipfile.ZipFile, state: dict[str, torch.Tensor]) -> dict
             constants[name] = own.detach()
             continue
         if file not in stored:
-            with archive.open(f"{root}weights/{file}") as f:
-                stored[file] = torch.load(io.BytesIO(f.read()), weights_only=True)
+            blob = archive.read(f"{root}weights/{file}")
+            stored[file] = torch.load(io.BytesIO(blob), weights_only=True)
         constants[name] = torch.as_strided(stored[file], shape, stride, offset)
     return constants
 
