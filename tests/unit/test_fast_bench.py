@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import pytest
+
 from tidegate.benchmarks import edge, edge_worker
 from tidegate.cli import build_parser
 
@@ -84,3 +86,14 @@ def test_the_table_shows_the_median_per_round_ratio():
     args = argparse.Namespace(model="smollm2-135m", threads=2, new_tokens=128, rounds=3)
     line = next(x for x in edge.render([row], FACTS, args).splitlines() if x.startswith("default"))
     assert "1.03" in line.split()  # the median of the per-round ratios, 2 places
+
+
+def test_llama_cpp_loads_without_extra_buffer_types_and_the_default_comes_back():
+    # The AMX buffer type segfaults on AMX CPUs, and Llama(...) ignores a
+    # use_extra_bufts keyword: the bench switches the default parameters instead.
+    llama_cpp = pytest.importorskip("llama_cpp")  # the [bench] extra
+    low_level = llama_cpp.llama_cpp
+    assert low_level.llama_model_default_params().use_extra_bufts
+    with edge_worker._without_extra_buffer_types(llama_cpp):
+        assert not low_level.llama_model_default_params().use_extra_bufts
+    assert low_level.llama_model_default_params().use_extra_bufts

@@ -12,11 +12,13 @@ Prints one JSON object on its last line. Two kinds of job:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +232,28 @@ def _gguf_path(model: str) -> Path:
     return Path(model)
 
 
+@contextlib.contextmanager
+def _without_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
+    """Load with ``use_extra_bufts`` off: the PyPI build's AMX buffer type crashes in
+    ``ggml_backend_amx_mul_mat`` on CPUs with AMX (seen on a Xeon with AMX_INT8); off,
+    ggml multiplies with its AVX-512 kernels. ``Llama(...)`` takes no such argument
+    (0.3.36 swallows unknown keywords), so the default model parameters it starts
+    from are switched for the duration of the load."""
+    low_level = llama_cpp.llama_cpp
+    defaults = low_level.llama_model_default_params
+
+    def without_extra() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = without_extra
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = defaults
+
+
 def _measure_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
     try:
         import llama_cpp
@@ -237,16 +261,14 @@ def _measure_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
         return {"error": "llama-cpp-python is not installed (pip install -e '.[bench]')"}
     path = _gguf_path(job["model"])
     started = time.perf_counter()
-    llm = llama_cpp.Llama(
-        str(path),
-        n_threads=job["threads"],
-        n_threads_batch=job["threads"],
-        n_ctx=2048,
-        verbose=False,
-        # The PyPI build's AMX buffer type crashes in ggml_backend_amx_mul_mat on
-        # CPUs with AMX; off, ggml uses its AVX-512 kernels (see the table notes).
-        use_extra_bufts=False,
-    )
+    with _without_extra_buffer_types(llama_cpp):
+        llm = llama_cpp.Llama(
+            str(path),
+            n_threads=job["threads"],
+            n_threads_batch=job["threads"],
+            n_ctx=2048,
+            verbose=False,
+        )
     load_s = time.perf_counter() - started
 
     def complete(prompt: str, new_tokens: int, stream: bool = False) -> Any:
