@@ -97,3 +97,12 @@ def test_llama_cpp_loads_without_extra_buffer_types_and_the_default_comes_back()
     with edge_worker._without_extra_buffer_types(llama_cpp):
         assert not low_level.llama_model_default_params().use_extra_bufts
     assert low_level.llama_model_default_params().use_extra_bufts
+
+
+def test_only_takes_every_variant_name_and_refuses_an_unknown_one():
+    names = [v.name for v in edge.VARIANTS if not v.llama_cpp]
+    assert all("," not in name for name in names)  # --only splits on commas
+    assert edge._wanted_variants(",".join(names)) == set(names)
+    assert edge._wanted_variants(None) is None
+    with pytest.raises(SystemExit, match=r"unknown variant\(s\) \['int3'\]; known: fp32"):
+        edge._wanted_variants("default,int3")
