@@ -106,6 +106,8 @@ async def test_the_compiled_graph_serves_a_grown_cache(compiled, reference):
     await _same_answers(compiled, reference, request)
     assert compiled.decoder.capacity == 512
     await _same_answers(compiled, reference, _request("Hello!"))  # and short prompts after it
+    # ... with the cache shrunk back: a step attends over the whole capacity
+    assert compiled.decoder.capacity == 256
 
 
 async def test_streaming_and_stop_strings_on_the_compiled_path(compiled, reference):
