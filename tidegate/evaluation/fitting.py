@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,10 @@ def fit_from_items(
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     path = out or calibration_path(model)
+
+    def fit(label: str, predicts: str) -> Any:
+        return _fit_head(usable, label, model, provenance, l2, predicts)
+
     if heads == "cloud":
         try:
             edge = load_weights(path, model)  # kept as it is
@@ -144,34 +148,42 @@ def fit_from_items(
         summary = f"combiner kept as it is ({path})"
     else:
         try:
-            edge = _fit_head(usable, "edge_correct", model, provenance, l2, "edge")
+            edge = fit("edge_correct", "edge")
         except ValueError as exc:
             raise ConfigError(f"cannot fit the combiner on {source}: {exc}") from exc
         _write(edge, path)
-        labels = [bool(r["edge_correct"]) for r in usable]
-        scores = [edge.probability(r["features"], r.get("prompt_state")) for r in usable]
+        labels, scores = _in_sample(edge, usable, "edge_correct")
         summary = (
             f"combiner fitted on {len(usable)} items ({sum(labels)} right, l2 "
             f"{edge.provenance['l2']:g}, probe {'on' if edge.probe else 'off'}): in-sample "
             f"AUROC {auroc(scores, labels) or float('nan'):.3f}, ECE "
             f"{ece(scores, labels) or 0.0:.3f}; wrote {path}"
         )
-    cloud, line = _cloud_head(usable, heads, model, provenance, l2, cloud_model, path, source)
+    cloud, line = _cloud_head(usable, heads, fit, model, cloud_model, path, source)
     return Fitted(edge, cloud, path, f"{summary}\n{line}")
+
+
+def _in_sample(
+    weights: Any, usable: Sequence[Mapping[str, Any]], label: str
+) -> tuple[list[bool], list[float]]:
+    """The fitted items' labels and the head's scores for them."""
+    labels = [bool(r[label]) for r in usable]
+    scores = [weights.probability(r["features"], r.get("prompt_state")) for r in usable]
+    return labels, scores
 
 
 def _cloud_head(
     usable: Sequence[Mapping[str, Any]],
     heads: str,
+    fit: Callable[[str, str], Any],
     model: str,
-    provenance: dict[str, Any],
-    l2: float | None,
     cloud_model: str | None,
     edge_path: Path,
     source: str,
 ) -> tuple[Any | None, str]:
-    """Gain's cloud head — kept (``--heads edge``), fitted and written, or none — and the
-    summary line saying which. ``--heads cloud`` without one is an error."""
+    """Gain's cloud head — kept (``--heads edge``), fitted (by ``fit``, the edge head's
+    fitter) and written, or none — and the summary line saying which. ``--heads cloud``
+    without one is an error."""
     from edge_node.combiner import cloud_head_path, load_weights
     from tidegate.evaluation.metrics import auroc
 
@@ -185,9 +197,7 @@ def _cloud_head(
     cloud = None
     if all(r.get("cloud_correct") is not None for r in usable):
         try:
-            cloud = _fit_head(
-                usable, "cloud_correct", model, provenance, l2, cloud_model or "cloud"
-            )
+            cloud = fit("cloud_correct", cloud_model or "cloud")
         except ValueError as exc:
             why = str(exc).replace("the combiner", "the cloud head")
     if cloud is None:
@@ -195,8 +205,7 @@ def _cloud_head(
             raise ConfigError(f"cannot fit the cloud head on {source}: {why}")
         return None, f"cloud head (gain) not fitted: {why}"
     _write(cloud, path)
-    right = [bool(r["cloud_correct"]) for r in usable]
-    p_cloud = [cloud.probability(r["features"], r.get("prompt_state")) for r in usable]
+    right, p_cloud = _in_sample(cloud, usable, "cloud_correct")
     return cloud, (
         f"cloud head (gain) fitted on the same items ({sum(right)} right for "
         f"{cloud.predicts}, l2 {cloud.provenance['l2']:g}): in-sample AUROC "
