@@ -2,9 +2,11 @@
 
     python bench/edge_memory.py
 
-Imports (torch, transformers), transformers' Llama modeling code, the default edge
-model loaded from its caches (int4 + the compiled step, as `tidegate edge serve`
+Imports (torch, transformers' top level), the default edge model loaded from its
+caches (int4 in our own Llama modules + the compiled step, as `tidegate edge serve`
 loads it), a first generation and a 512-token one; the peak (VmHWM) beside each.
+Last, whether transformers' modeling code or torch's compiler stack came in
+(they cost ~100 MB; the warm path keeps them out: llama_modules.py).
 Run it after one `tidegate edge serve` or `make demo`, so the caches exist.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 
 
 def _mem(stage: str) -> None:
@@ -28,9 +31,6 @@ def main() -> None:
     import transformers  # noqa: F401
 
     _mem("import torch, transformers")
-    from transformers.models.llama import modeling_llama  # noqa: F401
-
-    _mem("+ transformers' Llama modeling code")
     from edge_node.settings import EdgeSettings
     from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
     from tidegate.inference.prepare import load_backend
@@ -52,6 +52,8 @@ def main() -> None:
         await backend.close()
 
     asyncio.run(generate())
+    heavy = ("transformers.models.llama.modeling_llama", "torch._dynamo", "sympy")
+    print("imported:", ", ".join(name for name in heavy if name in sys.modules) or "none of", heavy)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,15 @@ def test_the_table_gives_ratios_against_llama_cpp_and_keeps_failed_rows():
             "ttft_long_s": 1.0,
             "peak_rss_mb": 240.0,
             "load_warm_s": 0.1,
+            "n_ctx": 8192,
+        },
+        {
+            "variant": "llama.cpp, n_ctx 2048",
+            "decode_tps": 151.0,
+            "ttft_s": 0.1,
+            "ttft_long_s": 1.0,
+            "peak_rss_mb": 180.0,
+            "n_ctx": 2048,
         },
     ]
     args = argparse.Namespace(model="smollm2-135m", threads=2, new_tokens=128, rounds=3)
@@ -63,7 +72,9 @@ def test_the_table_gives_ratios_against_llama_cpp_and_keeps_failed_rows():
     default_line = next(line for line in table.splitlines() if line.startswith("default"))
     assert "1.20" in default_line and "0.40" in default_line and "3.00" in default_line
     assert "AttributeError: cannot export" in table
-    assert "use_extra_bufts=False" in table  # says how llama.cpp ran
+    assert "use_extra_bufts=False" in table and "n_ctx 8192" in table  # how llama.cpp ran
+    # and memory against the llama.cpp that allocates a shorter context
+    assert "peak RSS against llama.cpp with n_ctx 2048: default 4.00" in table
 
 
 def test_without_llama_cpp_its_row_says_how_to_install_it(monkeypatch):

@@ -43,6 +43,9 @@ class Variant:
     default: bool = False  # the edge node's own settings (EdgeSettings defaults)
     llama_cpp: bool = False
     threads: int | None = None  # overrides --threads (a diagnostic row)
+    # llama.cpp's context, whose KV cache it allocates up front; 0: the model's own,
+    # which is what the edge node accepts (it sizes its cache per request)
+    n_ctx: int = 0
 
 
 def _peak_rss_mb() -> float:
@@ -108,7 +111,8 @@ def _load_variant(
     started = time.perf_counter()
     timings: dict[str, Any] = {}
     lm_head: Any = None if _label(variant) == variant.quantization else variant.lm_head
-    prepared = prepare_model(settings, lm_head=lm_head)
+    # compiled variants decode with the static decoder only: our own modules, as the node
+    prepared = prepare_model(settings, lm_head=lm_head, own_modules=variant.compiled)
     model, tokenizer = prepared.model, prepared.tokenizer
     model_id, context = prepared.model_id, prepared.context_length
     if variant.quantization == "int8-dynamic":
@@ -266,7 +270,7 @@ def _measure_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
             str(path),
             n_threads=job["threads"],
             n_threads_batch=job["threads"],
-            n_ctx=2048,
+            n_ctx=job["variant"]["n_ctx"],
             verbose=False,
         )
     load_s = time.perf_counter() - started
@@ -306,6 +310,7 @@ def _measure_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
     result["decode_tps_all"] = rates
     result["new_tokens_seen"] = len(stamps)
     result["amx"] = "off (use_extra_bufts=False)"
+    result["n_ctx"] = llm.n_ctx()
     return result
 
 

@@ -10,6 +10,7 @@ Hub ids are not cached here: their identity is only known after loading.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -36,16 +37,24 @@ class PreparedModel:
     converted: bool  # this start converted a GGUF file
 
 
-def _skeleton(location: Path, quantization: str, lm_head: Any) -> Any:
-    """The model's modules with empty quantized weights, on the meta device."""
+def _skeleton(location: Path, quantization: str, lm_head: Any, own_modules: bool) -> Any:
+    """The model's modules with empty quantized weights, on the meta device: our own
+    (llama_modules.py) when ``own_modules`` and they support the model, else transformers'."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
+    from tidegate.inference import llama_modules
     from tidegate.inference.quantize import quantize_model
 
-    config = AutoConfig.from_pretrained(str(location))
+    own_config = llama_modules.read_config(location) if own_modules else None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        if own_config is not None:
+            model = llama_modules.CausalLM(own_config).to(torch.bfloat16)
+        else:  # transformers' config and modeling code import torch's compiler stack
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(str(location))
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     if (location / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(location))
     return quantize_model(model, quantization, lm_head=lm_head, empty=True)
@@ -56,11 +65,27 @@ def _scheme(settings: ModelSettings, lm_head: Any) -> str:
     return settings.quantization if lm_head is None else f"{settings.quantization}-head{lm_head}"
 
 
-def _from_cache(settings: ModelSettings, root: Path, lm_head: Any) -> PreparedModel | None:
-    from transformers import AutoTokenizer
+def _tokenizer(location: Path) -> Any:
+    """The model's tokenizer. A plain tokenizers-backed one is loaded through its own
+    class: ``AutoTokenizer`` first loads the model's config class, which imports
+    torch's compiler stack (+100 MB resident; see llama_modules.py)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    try:
+        config = json.loads((location / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    plain = config.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    if plain and (location / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(str(location))
+    return AutoTokenizer.from_pretrained(str(location))
+
+
+def _from_cache(
+    settings: ModelSettings, root: Path, lm_head: Any, own_modules: bool
+) -> PreparedModel | None:
     from tidegate.inference import quantized_cache
-    from tidegate.inference.loading import context_length, resolve_source
+    from tidegate.inference.loading import context_length, release_freed_memory, resolve_source
 
     started = time.perf_counter()
     resolved = resolve_source(settings, root)
@@ -69,8 +94,13 @@ def _from_cache(settings: ModelSettings, root: Path, lm_head: Any) -> PreparedMo
     entry = quantized_cache.entry_dir(root, resolved.model_id, _scheme(settings, lm_head))
     if not (entry / "meta.json").is_file():
         return None
+    # The tokenizer first, its garbage handed back before the weights come: loading
+    # it peaks ~45 MB above what it keeps, which on top of the weights was the start's
+    # peak RSS.
+    tokenizer = _tokenizer(resolved.location)
+    release_freed_memory()
     try:
-        skeleton = _skeleton(resolved.location, settings.quantization, lm_head)
+        skeleton = _skeleton(resolved.location, settings.quantization, lm_head, own_modules)
         model = quantized_cache.load(entry, skeleton)
     except Exception as exc:  # noqa: BLE001 - a bad entry is re-made, not fatal
         log.warning("ignoring quantized cache entry %s (made again): %s", entry, exc)
@@ -78,7 +108,6 @@ def _from_cache(settings: ModelSettings, root: Path, lm_head: Any) -> PreparedMo
         return None
     if model is None:
         return None
-    tokenizer = AutoTokenizer.from_pretrained(str(resolved.location))
     return PreparedModel(
         model=model,
         tokenizer=tokenizer,
@@ -91,11 +120,16 @@ def _from_cache(settings: ModelSettings, root: Path, lm_head: Any) -> PreparedMo
     )
 
 
-def prepare_model(settings: ModelSettings, *, lm_head: Any = None) -> PreparedModel:
+def prepare_model(
+    settings: ModelSettings, *, lm_head: Any = None, own_modules: bool = False
+) -> PreparedModel:
     """Load and quantize ``settings.source`` (synchronous: seconds).
 
     ``lm_head``: quantize_model's choice for the output layer (None: its default;
-    the benchmark's int4-lm_head variant passes "int4")."""
+    the benchmark's int4-lm_head variant passes "int4"). ``own_modules``: build the
+    model from llama_modules.py where it can (a model only the static decoder can
+    serve, without transformers' modeling code in memory) when it comes from the
+    quantized cache; a first start, which quantizes, serves transformers' modules."""
     import torch
 
     from tidegate.inference import quantized_cache
@@ -107,7 +141,7 @@ def prepare_model(settings: ModelSettings, *, lm_head: Any = None) -> PreparedMo
         torch.set_num_threads(settings.threads)
     root = default_cache_root(settings.cache_dir)
     cached = settings.quantization in quantized_cache.CACHED_SCHEMES
-    if cached and (prepared := _from_cache(settings, root, lm_head)) is not None:
+    if cached and (prepared := _from_cache(settings, root, lm_head, own_modules)) is not None:
         release_freed_memory()  # what loading the tokenizer freed (-33 MB for SmolLM2)
         return prepared
     loaded = load_model(settings)
@@ -165,7 +199,8 @@ def _load_backend_on(settings: ModelSettings, executor: Any) -> Any:
     from tidegate.inference.bundled import default_cache_root
     from tidegate.inference.transformers_backend import TransformersBackend
 
-    prepared = prepare_model(settings)
+    prepared = prepare_model(settings, own_modules=True)
+    compile_step = wants_static_decoder(settings, prepared.model)
     backend = TransformersBackend(
         prepared.model,
         prepared.tokenizer,
@@ -173,10 +208,10 @@ def _load_backend_on(settings: ModelSettings, executor: Any) -> Any:
         context_length=prepared.context_length,
         quantization=settings.quantization,
         threads=settings.threads,
-        static_decoder=wants_static_decoder(settings, prepared.model),
+        static_decoder=compile_step,
         executor=executor,
     )
-    if backend.decoder is not None:
+    if backend.decoder is not None and compile_step:
         root = default_cache_root(settings.cache_dir)
         compiled_step.attach(backend.decoder, settings, prepared.model_id, root)
     return backend

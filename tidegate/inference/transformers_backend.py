@@ -7,8 +7,9 @@ cancellation — all cheaper to get right in one small loop.
 
 Two decode paths: the static decoder (static_decoder.py: static KV cache, a
 compiled per-token step, log-prob and entropy computed inside the step) for
-Llama/Qwen2 models when ``static_decoder`` asks for it, else transformers' own
-forward with a DynamicCache. Both yield the same TokenStep per token.
+Llama/Qwen2 models when ``static_decoder`` asks for it, or always for a model built
+from our own modules (llama_modules.py, which have no forward of their own), else
+transformers' own forward with a DynamicCache. Both yield the same TokenStep per token.
 
 Threading: every torch call runs on one dedicated worker thread (a
 single-thread executor, ``torch_thread()``), so the asyncio loop (and
@@ -38,6 +39,7 @@ import torch
 from tidegate.backend import BackendInfo, Generation
 from tidegate.chat import ChatMessage, FinishReason, GenerationRequest
 from tidegate.errors import InvalidArgument
+from tidegate.inference import llama_modules
 from tidegate.inference.detokenize import IncrementalDecoder, StopTextBuffer
 from tidegate.inference.static_decoder import StaticDecoder, token_signals, unsupported_reason
 
@@ -128,7 +130,12 @@ class TransformersBackend:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(model, tokenizer)
-        self.decoder = self._static_decoder(context_length) if static_decoder else None
+        # Our own modules (llama_modules.py) have no forward of their own: the static
+        # decoder serves them, uncompiled unless the caller attaches a compiled step.
+        own_modules = isinstance(model, llama_modules.CausalLM)
+        self.decoder = (
+            self._static_decoder(context_length) if static_decoder or own_modules else None
+        )
         self._info = BackendInfo(
             model=f"{model_id}/{quantization}",
             context_length=context_length,
@@ -232,8 +239,12 @@ class TransformersBackend:
     ) -> dict[str, float]:
         prompt_ids = self.encode_prompt(request)
         self._check_context(len(prompt_ids), 1)
-        out = self.model(input_ids=torch.tensor([prompt_ids], dtype=torch.long), logits_to_keep=1)
-        logprobs, _ = token_signals(out.logits[0, -1])  # [vocab]
+        if self.decoder is not None:
+            self.decoder.reserve(len(prompt_ids) + 1)
+            logprobs = self.decoder.prefill(prompt_ids)[0]  # [vocab]
+        else:
+            ids = torch.tensor([prompt_ids], dtype=torch.long)
+            logprobs, _ = token_signals(self.model(input_ids=ids, logits_to_keep=1).logits[0, -1])
         result: dict[str, float] = {}
         for candidate in candidates:
             ids = self.tokenizer(candidate, add_special_tokens=False)["input_ids"]
