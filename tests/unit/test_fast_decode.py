@@ -110,6 +110,23 @@ async def test_the_compiled_graph_serves_a_grown_cache(compiled, reference):
     assert compiled.decoder.capacity == 256
 
 
+@pytest.mark.parametrize("chunk", ["7", "all but the last token"])
+async def test_a_long_prompt_prefills_in_chunks_with_the_same_result(
+    compiled, reference, monkeypatch, chunk
+):
+    """Each chunk attends to the cached prompt before it and to itself causally; the
+    last chunk may be a single token (not a decode step: no compiled step for it)."""
+    from tidegate.inference import static_decoder
+
+    request = _request("The quick brown fox jumps over the lazy dog. " * 12, new_tokens=12)
+    prompt_tokens = len(compiled.encode_prompt(request))
+    size = 7 if chunk == "7" else prompt_tokens - 1
+    assert prompt_tokens > size and prompt_tokens % size != 0  # a short last chunk
+    monkeypatch.setattr(static_decoder, "PREFILL_CHUNK", size)
+    await _same_answers(compiled, reference, request)
+    await _same_answers(_backend(static=True), reference, request)
+
+
 async def test_streaming_and_stop_strings_on_the_compiled_path(compiled, reference):
     full = await reference.generate(_request(PROMPTS[1]))
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
