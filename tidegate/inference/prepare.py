@@ -142,7 +142,7 @@ def prepare_model(
     root = default_cache_root(settings.cache_dir)
     cached = settings.quantization in quantized_cache.CACHED_SCHEMES
     if cached and (prepared := _from_cache(settings, root, lm_head, own_modules)) is not None:
-        release_freed_memory()  # what loading the tokenizer freed (-33 MB for SmolLM2)
+        release_freed_memory()  # what reading the weights freed
         return prepared
     loaded = load_model(settings)
     started = time.perf_counter()

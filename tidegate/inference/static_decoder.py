@@ -17,7 +17,7 @@ per prompt length:
 - the prompt (prefill) runs eagerly: its few large matmuls dominate, not Python.
   A long prompt runs in chunks of PREFILL_CHUNK tokens, each attending to the
   cache up to itself: one pass over 7,600 tokens held ~250 MB of activations at
-  once (peak RSS 869 MB, against llama.cpp's 567 MB on the same prompt).
+  once (peak RSS 869 → 651 MB; llama.cpp 568 MB: bench/edge_long_prompt.py).
 
 Until a compiled step is attached (``use_compiled``), ``step`` runs
 ``step_function`` eagerly: same results, slower.
