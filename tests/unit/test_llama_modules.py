@@ -16,7 +16,7 @@ from tests.support.tiny_models import TINY_CONTEXT_LENGTH, tiny_model_and_tokeni
 from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
 from tidegate.config import ModelSettings
 from tidegate.inference import llama_modules
-from tidegate.inference.prepare import prepare_model
+from tidegate.inference.prepare import load_backend, prepare_model
 from tidegate.inference.static_decoder import StaticDecoder
 from tidegate.inference.transformers_backend import TransformersBackend
 
@@ -134,7 +134,8 @@ def test_a_warm_start_leaves_transformers_modeling_code_out(tmp_path):
     """The point of the modules: a warm edge start imports neither transformers'
     modeling code nor torch's compiler stack (~100 MB resident)."""
     folder = _llama_folder(tmp_path)
-    settings = _settings(folder, tmp_path / "cache", "int4")
+    # auto: a toy model is not compiled, but still served by the static decoder
+    settings = _settings(folder, tmp_path / "cache", "int4").model_copy(update={"compile": "auto"})
     prepare_model(settings)
     script = textwrap.dedent(
         f"""
@@ -155,6 +156,11 @@ def test_a_warm_start_leaves_transformers_modeling_code_out(tmp_path):
     )
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report == {"model": "CausalLM", "decoder": True, "loaded": []}
+
+    # compile: off keeps its documented meaning: transformers' forward, so their classes
+    off = load_backend(settings.model_copy(update={"compile": "off"}))
+    assert type(off.model).__name__ == "LlamaForCausalLM" and off.decoder is None
+    asyncio.run(off.close())
 
 
 def test_configs_our_modules_do_not_cover_load_through_transformers(tmp_path):

@@ -199,7 +199,9 @@ def _load_backend_on(settings: ModelSettings, executor: Any) -> Any:
     from tidegate.inference.bundled import default_cache_root
     from tidegate.inference.transformers_backend import TransformersBackend
 
-    prepared = prepare_model(settings, own_modules=True)
+    # compile "off" keeps transformers' forward (and so its classes), as documented;
+    # otherwise our modules, which the static decoder serves, compiled or not
+    prepared = prepare_model(settings, own_modules=settings.compile != "off")
     compile_step = wants_static_decoder(settings, prepared.model)
     backend = TransformersBackend(
         prepared.model,
