@@ -177,6 +177,7 @@ def test_configs_our_modules_do_not_cover_load_through_transformers(tmp_path):
     assert variant(mlp_bias=True) is None
     assert variant(model_type="mistral") is None
     assert variant(layer_types=["sliding_attention", "full_attention"]) is None
+    assert variant(use_sliding_window=True) is None
     del config["rms_norm_eps"]  # not stated: transformers' default would apply
     assert variant() is None
     (folder / "config.json").write_text("{not json")

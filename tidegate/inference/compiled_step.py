@@ -69,10 +69,10 @@ PACKAGE_OPTIONS = {
 @functools.cache
 def _code_fingerprint() -> str:
     """The source of everything the compiled graph is traced from."""
-    from tidegate.inference import int4, quantize, static_decoder
+    from tidegate.inference import int4, llama_modules, quantize, static_decoder
 
     digest = hashlib.sha256()
-    for module in (static_decoder, quantize, int4):
+    for module in (static_decoder, llama_modules, quantize, int4):
         digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()
 

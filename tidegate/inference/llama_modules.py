@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+from tidegate.inference.static_decoder import SUPPORTED_TYPES
+
 # What config.json must state: transformers' config classes would fill gaps with
 # their defaults, and importing them imports the compiler stack (see above).
 REQUIRED_KEYS = (
@@ -68,7 +69,9 @@ def _rope_theta(config: Any) -> float | None:
 
 def supports(config: Any) -> bool:
     """Whether ``config`` can be built from these modules (else: transformers' classes)."""
-    if config.model_type not in ARCHITECTURES or _rope_theta(config) is None:
+    if config.model_type not in SUPPORTED_TYPES or _rope_theta(config) is None:
+        return False
+    if getattr(config, "use_sliding_window", False):  # Qwen2's, without layer_types
         return False
     if getattr(config, "hidden_act", "silu") != "silu":
         return False
