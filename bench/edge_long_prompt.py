@@ -22,12 +22,6 @@ import time
 MODEL = "smollm2-135m"
 
 
-def _peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _prompt(tokens: int) -> str:
     from tidegate.benchmarks.edge_worker import LONG_PARAGRAPH, LONG_QUESTION
 
@@ -39,6 +33,7 @@ def _ours(tokens: int, threads: int) -> dict[str, float]:
     import asyncio
 
     from edge_node.settings import EdgeSettings
+    from tidegate.benchmarks.edge_worker import peak_rss_mb
     from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
     from tidegate.inference.prepare import load_backend
 
@@ -48,14 +43,14 @@ def _ours(tokens: int, threads: int) -> dict[str, float]:
     request = GenerationRequest(
         (ChatMessage("user", _prompt(tokens)),), SamplingParams(max_new_tokens=1)
     )
-    before = _peak_mb()
+    before = peak_rss_mb()
     started = time.perf_counter()
     asyncio.run(backend.generate(request))
     ttft = time.perf_counter() - started
     return {
         "prompt_tokens": len(backend.encode_prompt(request)),
         "peak_before_mb": before,
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_rss_mb(),
         "ttft_s": ttft,
     }
 
@@ -63,17 +58,10 @@ def _ours(tokens: int, threads: int) -> dict[str, float]:
 def _llama_cpp(tokens: int, threads: int) -> dict[str, float]:
     import llama_cpp
 
-    from tidegate.benchmarks.edge_worker import _gguf_path, _without_extra_buffer_types
+    from tidegate.benchmarks.edge_worker import load_llama_cpp, peak_rss_mb
 
-    with _without_extra_buffer_types(llama_cpp):
-        llm = llama_cpp.Llama(
-            str(_gguf_path(MODEL)),
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_ctx=0,  # the model's own context
-            verbose=False,
-        )
-    before = _peak_mb()
+    llm = load_llama_cpp(llama_cpp, MODEL, threads, n_ctx=0)  # the model's own context
+    before = peak_rss_mb()
     started = time.perf_counter()
     out = llm.create_chat_completion(
         [{"role": "user", "content": _prompt(tokens)}], max_tokens=1, temperature=0.0
@@ -82,7 +70,7 @@ def _llama_cpp(tokens: int, threads: int) -> dict[str, float]:
     return {
         "prompt_tokens": out["usage"]["prompt_tokens"],
         "peak_before_mb": before,
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_rss_mb(),
         "ttft_s": ttft,
         "n_ctx": llm.n_ctx(),
     }

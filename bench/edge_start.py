@@ -86,26 +86,29 @@ def _prime(config: Path | None) -> None:
     """Make every cache the node reads, the compiled step included: a node starting
     without it serves at once and compiles in a child process that outlives it, which
     would run (and compete for the CPU) during the timed starts."""
-    script = (
-        "import sys\n"
-        "from edge_node.settings import EdgeSettings\n"
-        "from tidegate.config import load_config\n"
-        "from tidegate.inference.prepare import load_backend\n"
-        "backend = load_backend(load_config(EdgeSettings, sys.argv[1] or None).model)\n"
-        "backend.wait_compiled(1800)\n"
-        "sys.exit(0 if backend.decoder is None or backend.decoder.compiled "
-        "or backend.wait_compiled(0) else 1)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script, str(config or "")], check=False)
-    if done.returncode != 0:
+    command = [sys.executable, __file__, "--prime", *(["--config", str(config)] if config else [])]
+    if subprocess.run(command, check=False).returncode != 0:
         raise SystemExit("could not make the edge model's caches (compiled step)")
+
+
+def _load_and_compile(config: Path | None) -> int:
+    """``--prime``, in its own process: load the node's model, wait for its compiled step."""
+    from edge_node.settings import EdgeSettings
+    from tidegate.config import load_config
+    from tidegate.inference.prepare import load_backend
+
+    backend = load_backend(load_config(EdgeSettings, config).model)
+    return 0 if backend.decoder is None or backend.wait_compiled(1800) else 1
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--config", type=Path, help="edge YAML (default: built-in defaults)")
+    parser.add_argument("--prime", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.prime:
+        sys.exit(_load_and_compile(args.config))
     _prime(args.config)
     _one_start(args.config, _free_port())  # first-start effects (page cache) out of the way
     rows = [_one_start(args.config, _free_port()) for _ in range(args.runs)]

@@ -91,6 +91,38 @@ def tiny_model(vocab_size: int, seed: int = 0, eos_token_id: int | None = None, 
     return model.eval()
 
 
+def tiny_qwen2_model(vocab_size: int, seed: int = 0, eos_token_id: int | None = None):
+    """A random Qwen2ForCausalLM (hidden 64, 2 layers), fp32, eval mode, untied.
+
+    Qwen2 differs from Llama in its q/k/v biases, which random init leaves at zero:
+    they are drawn here so that they matter.
+    """
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TINY_CONTEXT_LENGTH,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)  # sharper logits, as in tiny_model
+            for layer in model.model.layers:
+                attention = layer.self_attn
+                for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model.eval()
+
+
 def tiny_model_and_tokenizer(seed: int = 0, tied: bool = False):
     tokenizer = tiny_tokenizer()
     model = tiny_model(len(tokenizer), seed=seed, eos_token_id=tokenizer.eos_token_id, tied=tied)

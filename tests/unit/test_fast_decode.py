@@ -238,29 +238,10 @@ async def test_load_backend_compiles_in_the_background_then_reuses_the_package(t
 
 async def test_static_decoder_matches_transformers_on_qwen2():
     """Qwen2 differs from Llama in the q/k/v biases (and the cloud stand-in is one)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from tests.support.tiny_models import tiny_tokenizer
+    from tests.support.tiny_models import tiny_qwen2_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-        for layer in model.model.layers:  # random init leaves the biases at zero
-            layer.self_attn.q_proj.bias.normal_(0, 0.5)
-            layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    model = tiny_qwen2_model(len(tokenizer), eos_token_id=tokenizer.eos_token_id)
 
     def backend(static: bool) -> TransformersBackend:
         return TransformersBackend(

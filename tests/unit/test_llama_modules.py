@@ -12,7 +12,12 @@ import textwrap
 import pytest
 import torch
 
-from tests.support.tiny_models import TINY_CONTEXT_LENGTH, tiny_model_and_tokenizer, tiny_tokenizer
+from tests.support.tiny_models import (
+    TINY_CONTEXT_LENGTH,
+    tiny_model_and_tokenizer,
+    tiny_qwen2_model,
+    tiny_tokenizer,
+)
 from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
 from tidegate.config import ModelSettings
 from tidegate.inference import llama_modules
@@ -22,27 +27,8 @@ from tidegate.inference.transformers_backend import TransformersBackend
 
 
 def _qwen2_folder(root):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     tokenizer = tiny_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=TINY_CONTEXT_LENGTH,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(3)
-    model = Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # the q/k/v biases are what Qwen2 adds: make them matter
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-        model.lm_head.weight.mul_(8.0)
+    model = tiny_qwen2_model(len(tokenizer), seed=3, eos_token_id=tokenizer.eos_token_id)
     folder = root / "tiny-qwen2"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

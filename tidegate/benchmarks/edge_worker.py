@@ -48,7 +48,7 @@ class Variant:
     n_ctx: int = 0
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -258,21 +258,26 @@ def _without_extra_buffer_types(llama_cpp: Any) -> Iterator[None]:
         low_level.llama_model_default_params = defaults
 
 
+def load_llama_cpp(llama_cpp: Any, model: str, threads: int, n_ctx: int) -> Any:
+    """``model``'s GGUF file in llama.cpp, on ``threads`` for prompt and decode, with
+    ``n_ctx`` positions of context (0: the model's own)."""
+    with _without_extra_buffer_types(llama_cpp):
+        return llama_cpp.Llama(
+            str(_gguf_path(model)),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=n_ctx,
+            verbose=False,
+        )
+
+
 def _measure_llama_cpp(job: dict[str, Any]) -> dict[str, Any]:
     try:
         import llama_cpp
     except ImportError:
         return {"error": "llama-cpp-python is not installed (pip install -e '.[bench]')"}
-    path = _gguf_path(job["model"])
     started = time.perf_counter()
-    with _without_extra_buffer_types(llama_cpp):
-        llm = llama_cpp.Llama(
-            str(path),
-            n_threads=job["threads"],
-            n_threads_batch=job["threads"],
-            n_ctx=job["variant"]["n_ctx"],
-            verbose=False,
-        )
+    llm = load_llama_cpp(llama_cpp, job["model"], job["threads"], job["variant"]["n_ctx"])
     load_s = time.perf_counter() - started
 
     def complete(prompt: str, new_tokens: int, stream: bool = False) -> Any:
@@ -321,7 +326,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import asyncio
 
     if job["kind"] == "cold":
-        return _cold(job) | {"peak_rss_mb": _peak_rss_mb()}
+        return _cold(job) | {"peak_rss_mb": peak_rss_mb()}
     variant = Variant(**job["variant"])
     if variant.llama_cpp:
         result = _measure_llama_cpp(job)
@@ -339,7 +344,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         if job["kind"] == "measure":
             result |= asyncio.run(_measure_ours(backend, job))
         result["model"] = backend.info.model
-    result["peak_rss_mb"] = _peak_rss_mb()
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tidegate.inference.static_decoder import SUPPORTED_TYPES
+from tidegate.inference.static_decoder import unsupported_config_reason
 
 # What config.json must state: transformers' config classes would fill gaps with
 # their defaults, and importing them imports the compiler stack (see above).
@@ -68,15 +68,9 @@ def _rope_theta(config: Any) -> float | None:
 
 
 def supports(config: Any) -> bool:
-    """Whether ``config`` can be built from these modules (else: transformers' classes)."""
-    if config.model_type not in SUPPORTED_TYPES or _rope_theta(config) is None:
-        return False
-    if getattr(config, "use_sliding_window", False):  # Qwen2's, without layer_types
-        return False
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return False
-    layer_types = getattr(config, "layer_types", None) or ()
-    if any(kind != "full_attention" for kind in layer_types):
+    """Whether ``config`` can be built from these modules (else: transformers' classes):
+    what the static decoder serves, with the default RoPE and no MLP biases."""
+    if unsupported_config_reason(config) is not None or _rope_theta(config) is None:
         return False
     return not getattr(config, "mlp_bias", False)
 

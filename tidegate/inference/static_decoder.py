@@ -45,16 +45,24 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill pass (the bench's long prompt i
 SUPPORTED_TYPES = ("llama", "qwen2")
 
 
-def unsupported_reason(model: Any) -> str | None:
-    """Why ``model`` cannot use the static decoder, or None if it can."""
-    config = model.config
+def unsupported_config_reason(config: Any) -> str | None:
+    """Why a model with ``config`` cannot use the static decoder, or None if it can."""
     if config.model_type not in SUPPORTED_TYPES:
         return f"model type {config.model_type!r} (supported: {', '.join(SUPPORTED_TYPES)})"
     layer_types = getattr(config, "layer_types", None) or ()
-    if any(kind != "full_attention" for kind in layer_types):
+    sliding = getattr(config, "use_sliding_window", False)  # Qwen2's, without layer_types
+    if sliding or any(kind != "full_attention" for kind in layer_types):
         return "sliding-window attention layers"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act!r}"
+    return None
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why ``model`` cannot use the static decoder, or None if it can."""
+    reason = unsupported_config_reason(model.config)
+    if reason is not None:
+        return reason
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return "no model.layers / lm_head"
