@@ -10,6 +10,7 @@ import pytest
 from tidegate.evaluation.metrics import (
     accuracy_at_escalation,
     auroc,
+    bootstrap_interval,
     ece,
     escalation_for_accuracy,
     oracle_point,
@@ -133,3 +134,56 @@ def test_category_reference_and_within_category_auroc_by_hand():
     one_kind = build_metrics([r | {"category": "all"} for r in records], {})
     assert one_kind["category_reference_auroc"] is None
     assert one_kind["estimators"]["s"]["within_category_auroc"] is None
+
+
+def test_bootstrap_interval_of_a_mean_matches_the_normal_approximation():
+    right = [i % 10 < 3 for i in range(400)]  # 30% right
+    interval = bootstrap_interval(lambda idx: sum(right[i] for i in idx) / len(idx), len(right))
+    assert interval is not None
+    half = 1.96 * math.sqrt(0.3 * 0.7 / 400)  # ≈ 0.045
+    assert interval[0] == pytest.approx(0.3 - half, abs=0.01)
+    assert interval[1] == pytest.approx(0.3 + half, abs=0.01)
+    # the same seed draws the same resamples; another seed other ones
+    again = bootstrap_interval(lambda idx: sum(right[i] for i in idx) / len(idx), len(right))
+    other = bootstrap_interval(
+        lambda idx: sum(right[i] for i in idx) / len(idx), len(right), seed=1
+    )
+    assert again == interval and other != interval
+
+
+def test_bootstrap_interval_skips_undefined_resamples_and_gives_up_when_most_are():
+    # 1 right answer in 20: most resamples still hold it, some (~36%) lose it (AUROC None)
+    scores = [i / 20 for i in range(20)]
+    right = [i == 19 for i in range(20)]
+    interval = bootstrap_interval(
+        lambda idx: auroc([scores[i] for i in idx], [right[i] for i in idx]), 20
+    )
+    assert interval == (1.0, 1.0)
+    assert bootstrap_interval(lambda idx: None, 20) is None
+    assert bootstrap_interval(lambda idx: 1.0, 0) is None
+
+
+def test_metrics_carry_intervals_around_the_point_estimates():
+    from tidegate.evaluation.report import build_metrics, summary_table
+
+    rng = random.Random(7)
+    records = []
+    for i in range(200):
+        right = rng.random() < 0.4
+        records.append(
+            _record("k", right, rng.random() * 0.5 + (0.4 if right else 0.0))
+            | {"id": f"k-{i}", "cloud_correct": rng.random() < 0.6}
+        )
+    metrics = build_metrics(records, {})
+    s = metrics["estimators"]["s"]
+    low, high = s["auroc_ci95"]
+    assert low < s["auroc"] < high and high - low < 0.2
+    budget = s["at_escalation_budget"]
+    assert budget["fraction_of_cloud"] == pytest.approx(
+        budget["accuracy"] / metrics["cloud_accuracy"]
+    )
+    low, high = budget["fraction_of_cloud_ci95"]
+    assert low < budget["fraction_of_cloud"] < high
+    table = summary_table(metrics)
+    assert f"{s['auroc_ci95'][0]:.2f}–{s['auroc_ci95'][1]:.2f}" in table
+    assert f"{100 * low:.0f}–{100 * high:.0f}%" in table

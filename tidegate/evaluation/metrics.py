@@ -14,13 +14,17 @@
   cloud; at each distinct t, the fraction escalated and the accuracy of the
   routed answers (edge when kept, cloud when escalated).
 
+- ``bootstrap_interval``: how far any of these could move on another sample of
+  as many items: a percentile interval over resamples of the items.
+
 Ties are handled in expectation over random tie-breaking everywhere, so no
 result depends on the order of the items.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -153,3 +157,37 @@ def accuracy_at_escalation(curve: Sequence[CurvePoint], budget: float) -> CurveP
     """The most accurate point escalating at most ``budget``; None if none does."""
     within = [p for p in curve if p.escalated <= budget + 1e-12]
     return max(within, key=lambda p: (p.accuracy, -p.escalated)) if within else None
+
+
+BOOTSTRAP_DRAWS = 1000
+
+
+def bootstrap_interval(
+    statistic: Callable[[Sequence[int]], float | None],
+    n: int,
+    draws: int = BOOTSTRAP_DRAWS,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """The percentile interval of ``statistic`` over ``draws`` resamples of the items.
+
+    ``statistic`` gets the item indices of one resample (``n`` drawn with replacement)
+    and computes its value on those items; resamples where it is undefined (None: one
+    class only) are skipped. None when fewer than half of them are defined. Paired by
+    design: every statistic of one item set sees the same resamples (a fixed seed), so
+    two estimators' intervals differ by their scores, not by luck of the draw.
+    """
+    if n <= 0:
+        return None
+    rng = random.Random(seed)
+    values = []
+    for _ in range(draws):
+        value = statistic([rng.randrange(n) for _ in range(n)])
+        if value is not None:
+            values.append(value)
+    if 2 * len(values) < draws:
+        return None
+    values.sort()
+    tail = (1.0 - level) / 2.0
+    last = len(values) - 1
+    return values[round(tail * last)], values[round((1.0 - tail) * last)]

@@ -8,8 +8,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tidegate.evaluation.metrics import (
+    BOOTSTRAP_DRAWS,
     accuracy_at_escalation,
     auroc,
+    bootstrap_interval,
     ece,
     escalation_for_accuracy,
     oracle_point,
@@ -49,11 +51,12 @@ def build_metrics(
     }
     edge_ok = [bool(r["edge_correct"]) for r in both]
     cloud_ok = [bool(r["cloud_correct"]) for r in both]
-    target = None
+    target = cloud_rate = None
     if both:
         oracle = oracle_point(edge_ok, cloud_ok)
         metrics["oracle"] = {"escalated": oracle.escalated, "accuracy": oracle.accuracy}
-        target = TARGET_FRACTION_OF_CLOUD * sum(cloud_ok) / len(cloud_ok)
+        cloud_rate = sum(cloud_ok) / len(cloud_ok)
+        target = TARGET_FRACTION_OF_CLOUD * cloud_rate
         metrics["targets"] = {
             "accuracy": target,
             "fraction_of_cloud": TARGET_FRACTION_OF_CLOUD,
@@ -67,13 +70,15 @@ def build_metrics(
             "items": len(scored),
             "extra_cost": costs.get(name),
             "auroc": auroc(scores, right),
+            "auroc_ci95": _auroc_interval(scores, right),
             "within_category_auroc": _within_category_auroc(scored, scores, right),
             "prr": prr(scores, right),
             "ece": ece(scores, right),
         }
         paired = [r for r in both if name in r["confidence"]]
         if paired and len(paired) == len(both) and target is not None:
-            curve = routing_curve([float(r["confidence"][name]) for r in paired], edge_ok, cloud_ok)
+            routed = [float(r["confidence"][name]) for r in paired]
+            curve = routing_curve(routed, edge_ok, cloud_ok)
             metrics["routing"][name] = [
                 {**p.to_dict(), "threshold": _finite(p.threshold)} for p in curve
             ]
@@ -83,12 +88,46 @@ def build_metrics(
                 {**reach.to_dict(), "threshold": _finite(reach.threshold)} if reach else None
             )
             entry["at_escalation_budget"] = (
-                {**budget.to_dict(), "threshold": _finite(budget.threshold)} if budget else None
+                {
+                    **budget.to_dict(),
+                    "threshold": _finite(budget.threshold),
+                    "fraction_of_cloud": budget.accuracy / cloud_rate if cloud_rate else None,
+                    "fraction_of_cloud_ci95": _budget_interval(routed, edge_ok, cloud_ok),
+                }
+                if budget
+                else None
             )
         metrics["estimators"][name] = entry
     metrics["category_reference_auroc"] = _category_reference_auroc(edge)
     metrics["by_category"] = _by_category(records)
     return metrics
+
+
+def _auroc_interval(scores: Sequence[float], right: Sequence[bool]) -> list[float] | None:
+    """AUROC's 95% bootstrap interval over these items."""
+    interval = bootstrap_interval(
+        lambda idx: auroc([scores[i] for i in idx], [right[i] for i in idx]), len(scores)
+    )
+    return list(interval) if interval else None
+
+
+def _budget_interval(
+    scores: Sequence[float], edge_ok: Sequence[bool], cloud_ok: Sequence[bool]
+) -> list[float] | None:
+    """The 95% bootstrap interval of the best routed accuracy within the escalation
+    budget as a fraction of cloud-only accuracy, both measured on each resample (paired):
+    whether a distance from the 95% target is more than the luck of the items."""
+
+    def fraction_of_cloud(idx: Sequence[int]) -> float | None:
+        cloud = sum(cloud_ok[i] for i in idx)
+        curve = routing_curve(
+            [scores[i] for i in idx], [edge_ok[i] for i in idx], [cloud_ok[i] for i in idx]
+        )
+        best = accuracy_at_escalation(curve, ESCALATION_BUDGET)
+        return best.accuracy * len(idx) / cloud if best and cloud else None
+
+    interval = bootstrap_interval(fraction_of_cloud, len(scores))
+    return list(interval) if interval else None
 
 
 def _category(record: Mapping[str, Any]) -> str:
@@ -154,6 +193,14 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def _span(interval: Sequence[float] | None, pct: bool = False) -> str:
+    """A 95% interval as "lo–hi" (percentages without decimals)."""
+    if not interval:
+        return "-"
+    lo, hi = interval
+    return f"{100 * lo:.0f}–{100 * hi:.0f}%" if pct else f"{lo:.2f}–{hi:.2f}"
+
+
 def summary_table(metrics: Mapping[str, Any]) -> str:
     """A plain-text table: one row per estimator, then the accuracies."""
     run = metrics["run"]
@@ -162,18 +209,22 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
         f"{metrics['items']} items" + (f" (split {run['split']})" if run.get("split") else ""),
     ]
     header = (
-        f"{'estimator':14} {'AUROC':>6} {'in cat.':>7} {'PRR':>6} {'ECE':>6}  "
-        f"{'esc. for target':>15}  {'acc. at 25%':>11}  extra cost"
+        f"{'estimator':14} {'AUROC':>6} {'95% CI':>11} {'in cat.':>7} {'PRR':>6} {'ECE':>6}  "
+        f"{'esc. for target':>15}  {'acc. at 25%':>11}  {'of cloud, 95% CI':>19}  extra cost"
     )
     lines += [header, "-" * len(header)]
     for name, e in metrics["estimators"].items():
         reach = e.get("to_reach_target")
-        budget = e.get("at_escalation_budget")
+        budget = e.get("at_escalation_budget") or {}
+        of_cloud = _fmt(budget.get("fraction_of_cloud"), pct=True)
+        if budget.get("fraction_of_cloud_ci95"):
+            of_cloud += f" ({_span(budget['fraction_of_cloud_ci95'], pct=True)})"
         lines.append(
-            f"{name:14} {_fmt(e['auroc']):>6} {_fmt(e.get('within_category_auroc')):>7} "
+            f"{name:14} {_fmt(e['auroc']):>6} {_span(e.get('auroc_ci95')):>11} "
+            f"{_fmt(e.get('within_category_auroc')):>7} "
             f"{_fmt(e['prr']):>6} {_fmt(e['ece']):>6}  "
             f"{_fmt(reach['escalated'] if reach else None, pct=True):>15}  "
-            f"{_fmt(budget['accuracy'] if budget else None, pct=True):>11}  "
+            f"{_fmt(budget.get('accuracy'), pct=True):>11}  {of_cloud:>19}  "
             f"{e.get('extra_cost') or '-'}"
         )
     lines.append(
@@ -195,6 +246,7 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
     if "targets" in metrics:
         lines.append(
             f"target: accuracy ≥ {_fmt(metrics['targets']['accuracy'], pct=True)} "
-            f"(95% of cloud-only) escalating ≤ 25%"
+            f"(95% of cloud-only) escalating ≤ 25%; 95% CI: percentile bootstrap over "
+            f"the items ({BOOTSTRAP_DRAWS} resamples)"
         )
     return "\n".join(lines)
