@@ -70,8 +70,18 @@ def test_extremes_and_replay():
     assert calibrate(RECORDS, "gain", Target(escalation=0.0)).threshold == 0.0
     everything = calibrate(RECORDS, "gain", Target(escalation=1.0))
     assert everything.escalated <= 1.0
-    escalated, accuracy, n = replay(RECORDS, "gain", 0.35)
-    assert (escalated, accuracy, n) == (0.5, pytest.approx(5 / 6), 6)
+    held = replay(RECORDS, "gain", 0.35)
+    assert (held.escalated, held.accuracy, held.items) == (0.5, pytest.approx(5 / 6), 6)
+    cloud = sum(r["cloud_correct"] for r in RECORDS) / 6
+    assert held.cloud_accuracy == pytest.approx(cloud)
+    assert held.of_cloud == pytest.approx((5 / 6) / cloud)
+    # the one item both get wrong is escalated: routed equals cloud-only in any resample
+    assert held.of_cloud_ci95 == (1.0, 1.0)
+    fewer = replay(RECORDS, "gain", 0.15)  # keeps the edge's wrong 0.2 answer
+    assert fewer.of_cloud == pytest.approx(4 / 5)
+    assert fewer.of_cloud_ci95 is not None
+    low, high = fewer.of_cloud_ci95
+    assert low < fewer.of_cloud < high  # 6 items: a wide interval
 
 
 def test_needs_the_estimator_and_both_tiers():

@@ -25,6 +25,7 @@ from typing import Any
 from tidegate.evaluation.metrics import (
     CurvePoint,
     accuracy_at_escalation,
+    bootstrap_interval,
     escalation_for_accuracy,
     routing_curve,
 )
@@ -134,19 +135,45 @@ def calibrate(records: Sequence[Mapping[str, Any]], estimator: str, target: Targ
     )
 
 
-def replay(
-    records: Sequence[Mapping[str, Any]], estimator: str, threshold: float
-) -> tuple[float, float, int]:
-    """(escalated, accuracy, items) of a fixed threshold on other items (a held-out split)."""
+@dataclass(frozen=True)
+class Replay:
+    """A fixed threshold on other items (a held-out split)."""
+
+    escalated: float
+    accuracy: float  # routed
+    items: int
+    cloud_accuracy: float
+    # routed accuracy / cloud-only accuracy, and its 95% bootstrap interval over the
+    # items: how far from a "95% of cloud-only" target this sample can tell it is
+    of_cloud: float
+    of_cloud_ci95: tuple[float, float] | None
+
+
+def replay(records: Sequence[Mapping[str, Any]], estimator: str, threshold: float) -> Replay:
+    """What a fixed threshold does on other items (a held-out split)."""
     usable = _usable(records, estimator)
     if not usable:
-        return math.nan, math.nan, 0
+        return Replay(math.nan, math.nan, 0, math.nan, math.nan, None)
     sent = [float(r["confidence"][estimator]) < threshold for r in usable]
     right = [
         bool(r["cloud_correct"] if s else r["edge_correct"])
         for r, s in zip(usable, sent, strict=True)
     ]
-    return sum(sent) / len(sent), sum(right) / len(right), len(usable)
+    cloud = [bool(r["cloud_correct"]) for r in usable]
+
+    def of_cloud(idx: Sequence[int]) -> float | None:
+        clouds = sum(cloud[i] for i in idx)
+        return sum(right[i] for i in idx) / clouds if clouds else None
+
+    n = len(usable)
+    return Replay(
+        escalated=sum(sent) / n,
+        accuracy=sum(right) / n,
+        items=n,
+        cloud_accuracy=sum(cloud) / n,
+        of_cloud=of_cloud(range(n)) or math.nan,
+        of_cloud_ci95=bootstrap_interval(of_cloud, n),
+    )
 
 
 def route_groups(

@@ -15,7 +15,14 @@ from typing import Any
 
 from edge_node.estimators_registry import FITTED
 from tidegate.errors import ConfigError
-from tidegate.evaluation.calibrate import Calibration, Target, calibrate, replay, route_groups
+from tidegate.evaluation.calibrate import (
+    Calibration,
+    Replay,
+    Target,
+    calibrate,
+    replay,
+    route_groups,
+)
 from tidegate.evaluation.policy_yaml import ValueUpdate, apply_updates
 
 
@@ -89,7 +96,7 @@ def _provenance(
     split: str,
     target: Target,
     result: Calibration,
-    held: tuple[float, float, int] | None,
+    held: Replay | None,
 ) -> list[str]:
     lines = [
         f"{time.strftime('%Y-%m-%d', time.gmtime())} by `tidegate calibrate`, estimator "
@@ -99,11 +106,21 @@ def _provenance(
         f"expected: {_pct(result.escalated)} escalated, routed accuracy {_pct(result.accuracy)} "
         f"(edge only {_pct(result.edge_accuracy)}, cloud only {_pct(result.cloud_accuracy)})",
     ]
-    if held is not None and held[2]:
+    if held is not None and held.items:
         lines.append(
-            f"held out ({held[2]} items): {_pct(held[0])} escalated, accuracy {_pct(held[1])}"
+            f"held out ({held.items} items): {_pct(held.escalated)} escalated, accuracy "
+            f"{_pct(held.accuracy)}, {_of_cloud(held)}"
         )
     return lines
+
+
+def _of_cloud(held: Replay) -> str:
+    """ "92.0% of cloud-only (95% CI 84–100%)": the held-out accuracy against cloud-only."""
+    text = f"{_pct(held.of_cloud)} of cloud-only"
+    if held.of_cloud_ci95:
+        low, high = held.of_cloud_ci95
+        text += f" (95% CI {100 * low:.0f}–{100 * high:.0f}%)"
+    return text
 
 
 def _validate(text: str, policy: Path) -> None:
@@ -119,7 +136,7 @@ def _validate(text: str, policy: Path) -> None:
         os.unlink(tmp)
 
 
-def _report(name: str, result: Calibration, held: tuple[float, float, int] | None) -> str:
+def _report(name: str, result: Calibration, held: Replay | None) -> str:
     line = (
         f"{name:24} threshold {result.threshold:.4f}  {result.items:4} items  "
         f"escalated {_pct(result.escalated):>6}  accuracy {_pct(result.accuracy):>6}  "
@@ -127,9 +144,10 @@ def _report(name: str, result: Calibration, held: tuple[float, float, int] | Non
     )
     if not result.reached:
         line += "  target NOT reached"
-    if held is not None and held[2]:
-        line += f"\n{'':24} held out: {held[2]:4} items  escalated {_pct(held[0]):>6}  "
-        line += f"accuracy {_pct(held[1]):>6}"
+    if held is not None and held.items:
+        line += f"\n{'':24} held out: {held.items:4} items  escalated {_pct(held.escalated):>6}  "
+        line += f"accuracy {_pct(held.accuracy):>6} (cloud {_pct(held.cloud_accuracy)}: "
+        line += f"{_of_cloud(held)})"
     return line
 
 
