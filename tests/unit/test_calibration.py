@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,10 @@ def test_extremes_and_replay():
     assert fewer.of_cloud_ci95 is not None
     low, high = fewer.of_cloud_ci95
     assert low < fewer.of_cloud < high  # 6 items: a wide interval
+    wrong = [dict(r, edge_correct=False) for r in RECORDS]
+    assert replay(wrong, "gain", 0.0).of_cloud == 0.0  # nothing escalated, all kept wrong
+    no_cloud = [dict(r, cloud_correct=False) for r in RECORDS]
+    assert math.isnan(replay(no_cloud, "gain", 0.35).of_cloud)  # no cloud-only accuracy
 
 
 def test_needs_the_estimator_and_both_tiers():

@@ -166,12 +166,13 @@ def replay(records: Sequence[Mapping[str, Any]], estimator: str, threshold: floa
         return sum(right[i] for i in idx) / clouds if clouds else None
 
     n = len(usable)
+    whole = of_cloud(range(n))
     return Replay(
         escalated=sum(sent) / n,
         accuracy=sum(right) / n,
         items=n,
         cloud_accuracy=sum(cloud) / n,
-        of_cloud=of_cloud(range(n)) or math.nan,
+        of_cloud=math.nan if whole is None else whole,
         of_cloud_ci95=bootstrap_interval(of_cloud, n),
     )
 
