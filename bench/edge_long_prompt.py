@@ -45,10 +45,10 @@ def _ours(tokens: int, threads: int) -> dict[str, float]:
     )
     before = peak_rss_mb()
     started = time.perf_counter()
-    asyncio.run(backend.generate(request))
+    generation = asyncio.run(backend.generate(request))
     ttft = time.perf_counter() - started
     return {
-        "prompt_tokens": len(backend.encode_prompt(request)),
+        "prompt_tokens": generation.prompt_tokens,
         "peak_before_mb": before,
         "peak_mb": peak_rss_mb(),
         "ttft_s": ttft,

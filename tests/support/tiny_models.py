@@ -59,36 +59,51 @@ def tiny_tokenizer():
     return tokenizer
 
 
+# The shape every tiny test model shares (Llama or Qwen2): hidden 64, 2 layers, GQA.
+_TINY_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=TINY_CONTEXT_LENGTH,
+)
+
+
+def _seeded(model_class, config, seed: int, sharpen: bool, then=None):
+    """``model_class(config)`` drawn from ``seed`` (without touching the global RNG),
+    its logits sharpened (``sharpen``), ``then(model)`` applied under the same seed."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+        with torch.no_grad():
+            if sharpen:
+                # Random init gives near-uniform logits; sharpen them so greedy decoding
+                # and confidence signals look more like a trained model's.
+                model.lm_head.weight.mul_(8.0)
+            if then is not None:
+                then(model)
+    return model.eval()
+
+
 def tiny_model(vocab_size: int, seed: int = 0, eos_token_id: int | None = None, tied: bool = False):
     """A random LlamaForCausalLM (hidden 64, 2 layers), fp32, eval mode.
 
     Untied by default: a random tied model greedily repeats one token forever.
     """
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=TINY_CONTEXT_LENGTH,
+        **_TINY_SHAPE,
         tie_word_embeddings=tied,
         eos_token_id=eos_token_id,
         bos_token_id=None,
         pad_token_id=None,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        if not tied:
-            # Random init gives near-uniform logits; sharpen them so greedy decoding
-            # and confidence signals look more like a trained model's.
-            with torch.no_grad():
-                model.lm_head.weight.mul_(8.0)
-    return model.eval()
+    return _seeded(LlamaForCausalLM, config, seed, sharpen=not tied)
 
 
 def tiny_qwen2_model(vocab_size: int, seed: int = 0, eos_token_id: int | None = None):
@@ -97,30 +112,19 @@ def tiny_qwen2_model(vocab_size: int, seed: int = 0, eos_token_id: int | None = 
     Qwen2 differs from Llama in its q/k/v biases, which random init leaves at zero:
     they are drawn here so that they matter.
     """
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=TINY_CONTEXT_LENGTH,
-        eos_token_id=eos_token_id,
-        tie_word_embeddings=False,
+        vocab_size=vocab_size, **_TINY_SHAPE, eos_token_id=eos_token_id, tie_word_embeddings=False
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-        with torch.no_grad():
-            model.lm_head.weight.mul_(8.0)  # sharper logits, as in tiny_model
-            for layer in model.model.layers:
-                attention = layer.self_attn
-                for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    return model.eval()
+
+    def draw_biases(model) -> None:
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            for proj in (attention.q_proj, attention.k_proj, attention.v_proj):
+                proj.bias.normal_(0, 0.5)
+
+    return _seeded(Qwen2ForCausalLM, config, seed, sharpen=True, then=draw_biases)
 
 
 def tiny_model_and_tokenizer(seed: int = 0, tied: bool = False):

@@ -202,7 +202,7 @@ def _load_backend_on(settings: ModelSettings, executor: Any) -> Any:
     # compile "off" keeps transformers' forward (and so its classes), as documented;
     # otherwise our modules, which the static decoder serves, compiled or not
     prepared = prepare_model(settings, own_modules=settings.compile != "off")
-    compile_step = wants_static_decoder(settings, prepared.model)
+    static = wants_static_decoder(settings, prepared.model)  # and a compiled step for it
     backend = TransformersBackend(
         prepared.model,
         prepared.tokenizer,
@@ -210,10 +210,10 @@ def _load_backend_on(settings: ModelSettings, executor: Any) -> Any:
         context_length=prepared.context_length,
         quantization=settings.quantization,
         threads=settings.threads,
-        static_decoder=compile_step,
+        static_decoder=static,
         executor=executor,
     )
-    if backend.decoder is not None and compile_step:
+    if backend.decoder is not None and static:
         root = default_cache_root(settings.cache_dir)
         compiled_step.attach(backend.decoder, settings, prepared.model_id, root)
     return backend
