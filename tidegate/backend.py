@@ -42,6 +42,10 @@ class Generation:
     # answer token is read from), for the combiner's probe; None where the backend
     # has no hidden states (remote servers).
     prompt_state: list[float] | None = None
+    # The final hidden state the last generated token (eos, the end of a stop string,
+    # or the token limit's) was read from: what the model makes of the answer it has
+    # just given, for the combiner's second probe; None as for ``prompt_state``.
+    answer_state: list[float] | None = None
 
     @property
     def completion_tokens(self) -> int:

@@ -153,7 +153,10 @@ def test_fit_combiner_then_calibrate_a_policy(workdir, capsys):
     assert run(["fit-combiner", "--items", str(items), "--out", str(weights)]) == 0
     fitted = json.loads(weights.read_text())
     assert fitted["model"].startswith("edge-model@") and fitted["provenance"]["n"] == 6
-    assert fitted["probe"] and fitted["provenance"]["l2"] > 0  # the prompt state, CV'd penalty
+    # a probe on each hidden state the items recorded; the penalty cross-validated
+    assert list(fitted["probes"]) == ["prompt_state", "answer_state"]
+    assert fitted["provenance"]["probes"] == ["prompt_state", "answer_state"]
+    assert fitted["provenance"]["l2"] > 0
     cloud_head = json.loads(
         (workdir / "weights.cloud.json").read_text()
     )  # the items have cloud answers

@@ -1,4 +1,4 @@
-"""The combiner's probe on the prompt state, the cross-validated penalty, and the gain
+"""The combiner's probes on the hidden states, the cross-validated penalty, and the gain
 estimator (the combiner against a fitted P(the cloud is right))."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from edge_node.combiner import (
     features,
     fit_combiner,
     gain_score,
+    states_of,
 )
 from edge_node.estimators_registry import edge_estimator
 from edge_node.settings import EstimatorSettings
@@ -34,51 +35,87 @@ REQUEST = GenerationRequest((ChatMessage("user", "q"),))
 HIDDEN = 8
 
 
-def _item(rng: random.Random) -> tuple[Generation, bool, bool]:
-    """An answer whose token signals are noise, and whose prompt state says whether the
-    question is one the edge knows (dimension 0) and one the cloud knows (dimension 1)."""
+def _item(rng: random.Random, slip: float = 0.05) -> tuple[Generation, bool, bool]:
+    """An answer whose token signals are noise, whose prompt state says whether the
+    question is one the edge knows (dimension 0) and one the cloud knows (dimension 1),
+    and whose answer state says whether the edge slipped on a question it knows
+    (dimension 2: right only if it knows and did not slip)."""
     knows_edge, knows_cloud = rng.random() < 0.4, rng.random() < 0.7
     state = [rng.gauss(0, 1) for _ in range(HIDDEN)]
     state[0] += 2.0 if knows_edge else -2.0
     state[1] += 2.0 if knows_cloud else -2.0
+    slipped = rng.random() < slip
+    answer = [rng.gauss(0, 1) for _ in range(HIDDEN)]
+    answer[2] += 2.0 if slipped else -2.0
     lps = [-rng.random() * 2 for _ in range(4)]
     g = Generation("x", [1, 2, 3, 4], lps, [-x for x in lps], FinishReason.STOP, 3, "m",
-                   prompt_state=state)  # fmt: skip
-    return g, knows_edge and rng.random() < 0.95, knows_cloud and rng.random() < 0.95
+                   prompt_state=state, answer_state=answer)  # fmt: skip
+    return g, knows_edge and not slipped, knows_cloud and rng.random() < 0.95
 
 
-def _records(n: int, seed: int, split: str = "calib") -> list[dict]:
+def _records(n: int, seed: int, split: str = "calib", slip: float = 0.05) -> list[dict]:
     rng = random.Random(seed)
     records = []
     for i in range(n):
-        g, edge_ok, cloud_ok = _item(rng)
+        g, edge_ok, cloud_ok = _item(rng, slip)
         records.append(
-            {"id": str(i), "split": split, "features": features(g), "prompt_state": g.prompt_state,
+            {"id": str(i), "split": split, "features": features(g), **states_of(g),
              "edge_correct": edge_ok, "cloud_correct": cloud_ok, "confidence": {}}
         )  # fmt: skip
     return records
 
 
-def test_the_probe_reads_what_the_token_signals_cannot():
-    train, fresh = _records(400, seed=1), _records(400, seed=2)
+def _prompt_only(r: dict) -> dict:
+    return {"prompt_state": r["prompt_state"]}
+
+
+def test_the_probes_read_what_the_token_signals_cannot():
+    """The prompt state knows which questions the edge knows; the answer state, which
+    answers it slipped on: each probe adds what the other cannot see."""
+    train, fresh = _records(400, seed=1, slip=0.3), _records(400, seed=2, slip=0.3)
     labels = [r["edge_correct"] for r in train]
-    without = fit_combiner([r["features"] for r in train], labels, "m", {})
-    with_probe = fit_combiner(
-        [r["features"] for r in train], labels, "m", {}, states=[r["prompt_state"] for r in train]
-    )
+    samples = [r["features"] for r in train]
+    without = fit_combiner(samples, labels, "m", {})
+    prompt = {"prompt_state": [r["prompt_state"] for r in train]}
+    with_prompt = fit_combiner(samples, labels, "m", {}, states=prompt)
+    both = {name: [r[name] for r in train] for name in ("prompt_state", "answer_state")}
+    with_both = fit_combiner(samples, labels, "m", {}, states=both)
     right = [r["edge_correct"] for r in fresh]
     plain = [without.probability(r["features"]) for r in fresh]
-    probed = [with_probe.probability(r["features"], r["prompt_state"]) for r in fresh]
-    assert auroc(probed, right) > 0.9 > 0.65 > auroc(plain, right)
-    assert with_probe.probe is not None
-    assert abs(with_probe.probe.coef[0]) == max(abs(c) for c in with_probe.probe.coef)
-    # the JSON file keeps the probe; a state of another size is refused
-    loaded = CombinerWeights.from_json(json.loads(json.dumps(with_probe.to_json())))
-    assert loaded == with_probe
+    prompt_only = [with_prompt.probability(r["features"], _prompt_only(r)) for r in fresh]
+    probed = [with_both.probability(r["features"], r) for r in fresh]
+    assert auroc(probed, right) > 0.97 > auroc(prompt_only, right) > 0.8
+    assert auroc(plain, right) < 0.65
+    assert list(with_both.probes) == ["prompt_state", "answer_state"]
+    for name, dimension in (("prompt_state", 0), ("answer_state", 2)):
+        coef = with_both.probes[name].coef
+        assert abs(coef[dimension]) == max(abs(c) for c in coef)
+    # the JSON file keeps the probes; a state of another size is refused
+    loaded = CombinerWeights.from_json(json.loads(json.dumps(with_both.to_json())))
+    assert loaded == with_both
     with pytest.raises(ValueError, match="3 dimensions, the probe 8"):
-        loaded.probability(fresh[0]["features"], [0.0, 0.0, 0.0])
-    # no state (a backend without hidden states): the probe adds nothing
+        loaded.probability(fresh[0]["features"], {"answer_state": [0.0, 0.0, 0.0]})
+    # no state (a backend without hidden states): the probes add nothing
     assert 0.0 < loaded.probability(fresh[0]["features"]) < 1.0
+
+
+def test_weights_from_before_the_answer_state_load_with_their_prompt_probe():
+    train = _records(200, seed=10)
+    states = {"prompt_state": [r["prompt_state"] for r in train]}
+    weights = fit_combiner(
+        [r["features"] for r in train], [r["edge_correct"] for r in train], "m", {}, states=states
+    )
+    legacy = weights.to_json()
+    legacy["probe"] = legacy.pop("probes")["prompt_state"]  # the older file's one probe
+    assert CombinerWeights.from_json(legacy) == weights
+    legacy["probes"] = {"middle_state": legacy["probe"]}
+    with pytest.raises(ValueError, match="probe unknown states: middle_state"):
+        CombinerWeights.from_json(legacy)
+    with pytest.raises(ValueError, match="no probe for states middle_state"):
+        fit_combiner(
+            [r["features"] for r in train], [r["edge_correct"] for r in train], "m", {},
+            states={"middle_state": states["prompt_state"]},
+        )  # fmt: skip
 
 
 def test_cross_validation_picks_a_penalty_from_the_grid():
@@ -105,7 +142,10 @@ async def test_fitting_both_heads_and_the_gain_estimator(tmp_path):
     path = tmp_path / "m.json"
     fitted = fit_from_items(train + fresh, "m", "calib", "synthetic", out=path, cloud_model="big")
     assert fitted.cloud is not None and fitted.cloud.predicts == "big"
-    assert fitted.edge.predicts == "edge" and fitted.edge.probe is not None
+    assert fitted.edge.predicts == "edge" and list(fitted.edge.probes) == [
+        "prompt_state",
+        "answer_state",
+    ]
     assert "cloud head (gain)" in fitted.summary and cloud_head_path(path).is_file()
     fitted.rescore(fresh)
     estimator = GainEstimator.for_model("m", path)
@@ -113,8 +153,8 @@ async def test_fitting_both_heads_and_the_gain_estimator(tmp_path):
     rng = random.Random(5)
     g, _, _ = _item(rng)
     expected = gain_score(
-        fitted.edge.probability(features(g, "q"), g.prompt_state),
-        fitted.cloud.probability(features(g, "q"), g.prompt_state),
+        fitted.edge.probability(features(g, "q"), states_of(g)),
+        fitted.cloud.probability(features(g, "q"), states_of(g)),
     )
     assert await estimator.score(REQUEST, g) == pytest.approx(expected)
     # the gain escalates where the cloud wins: questions only the cloud knows score lowest
@@ -180,10 +220,10 @@ def test_probabilities_stay_finite_for_extreme_states():
     train = _records(200, seed=7)
     weights = fit_combiner(
         [r["features"] for r in train], [r["edge_correct"] for r in train], "m", {},
-        states=[r["prompt_state"] for r in train],
+        states={"prompt_state": [r["prompt_state"] for r in train]},
     )  # fmt: skip
     for scale in (1e3, -1e3):
-        p = weights.probability(train[0]["features"], [scale] * HIDDEN)
+        p = weights.probability(train[0]["features"], {"prompt_state": [scale] * HIDDEN})
         assert 0.0 <= p <= 1.0 and not math.isnan(p)
 
 

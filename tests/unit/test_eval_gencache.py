@@ -52,6 +52,26 @@ async def test_a_cached_generation_comes_back_identical_without_the_model(tmp_pa
         await backend.close()
 
 
+async def test_an_entry_from_before_the_answer_state_is_answered_again(tmp_path):
+    backend = tiny_backend()
+    try:
+        cached = CachedBackend(backend, tmp_path)
+        first = await cached.generate(request())
+        assert first.answer_state is not None
+        lines = cached.cache.path.read_text().splitlines()
+        old = json.loads(lines[0])
+        del old["value"]["answer_state"]  # as an older tidegate wrote it
+        cached.cache.path.write_text(json.dumps(old) + "\n")
+        reopened = CachedBackend(backend, tmp_path)
+        again = await reopened.generate(request())
+        assert again.answer_state == first.answer_state and again.text == first.text
+        # answered by the model (not read with a missing state), and cached anew
+        assert len(reopened.cache.path.read_text().splitlines()) == 2
+        assert await CachedBackend(backend, tmp_path).generate(request()) == again
+    finally:
+        await backend.close()
+
+
 def test_a_torn_last_line_is_skipped(tmp_path, caplog):
     cache = OutputCache(tmp_path, "m")
     cache.put("k1", {"text": "a"})

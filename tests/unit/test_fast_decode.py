@@ -62,7 +62,10 @@ async def _same_answers(backend, reference, request):
     assert got.text == expected.text and got.finish_reason == expected.finish_reason
     torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.entropies, expected.entropies, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got.prompt_state, expected.prompt_state, atol=1e-4, rtol=1e-4)
+    for state in ("prompt_state", "answer_state"):
+        torch.testing.assert_close(
+            getattr(got, state), getattr(expected, state), atol=1e-4, rtol=1e-4
+        )
     return got
 
 
@@ -175,6 +178,28 @@ async def test_the_prompt_state_is_the_models_final_hidden_state(reference):
         got = await backend.generate(request)
         assert got.prompt_state is not None and len(got.prompt_state) == expected.numel()
         torch.testing.assert_close(torch.tensor(got.prompt_state), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("new_tokens", [1, 5, 24])
+async def test_the_answer_state_is_the_state_the_last_token_was_read_from(
+    reference, compiled, new_tokens
+):
+    """What the combiner's second probe reads: the normed last-layer state at the last
+    position fed to the model, the prompt and every answer token but the last; the
+    last token (eos, or the limit's) was read from it. One new token: the prompt's."""
+    request = _request(PROMPTS[1], new_tokens=new_tokens)
+    for backend in (reference, _backend(static=True), compiled):
+        got = await backend.generate(request)
+        fed = backend.encode_prompt(request) + got.token_ids[:-1]
+        with torch.inference_mode():
+            out = reference.model(input_ids=torch.tensor([fed]), output_hidden_states=True)
+        expected = out.hidden_states[-1][0, -1]  # [hidden]
+        assert got.answer_state is not None
+        torch.testing.assert_close(torch.tensor(got.answer_state), expected, atol=1e-4, rtol=1e-4)
+        last_logprobs = torch.log_softmax(out.logits[0, -1], dim=-1)
+        assert float(last_logprobs[got.token_ids[-1]]) == pytest.approx(got.logprobs[-1], abs=1e-4)
+        if new_tokens == 1:
+            assert got.answer_state == got.prompt_state
 
 
 def test_int4_static_decoder_tracks_int4_transformers():

@@ -56,8 +56,8 @@ def _decode(model, prompt=(5, 6, 7, 8, 9), steps=6):
     logprobs, summary, state = decoder.prefill(list(prompt))
     outputs = [logprobs, summary, state]
     for position in range(len(prompt), len(prompt) + steps):
-        logprobs, summary = decoder.step(int(summary[0]), position)
-        outputs += [logprobs, summary]
+        logprobs, summary, state = decoder.step(int(summary[0]), position)
+        outputs += [logprobs, summary, state]
     return outputs
 
 

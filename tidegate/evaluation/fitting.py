@@ -51,18 +51,25 @@ class Fitted:
 
     def rescore(self, records: Sequence[dict[str, Any]]) -> None:
         """Score the records with the new weights (combiner, and gain with a cloud head):
-        both read only the recorded features and prompt state."""
+        both read only the recorded features and hidden states."""
         from edge_node.combiner import gain_score
 
         for r in records:
             if not r.get("features") or r.get("edge_correct") is None:
                 continue
-            state = r.get("prompt_state")
-            p_edge = self.edge.probability(r["features"], state)
+            states = recorded_states(r)
+            p_edge = self.edge.probability(r["features"], states)
             r["confidence"]["combiner"] = p_edge
             if self.cloud is not None:
-                p_cloud = self.cloud.probability(r["features"], state)
+                p_cloud = self.cloud.probability(r["features"], states)
                 r["confidence"]["gain"] = gain_score(p_edge, p_cloud)
+
+
+def recorded_states(record: Mapping[str, Any]) -> dict[str, Any]:
+    """An item's hidden states by name, as ``tidegate eval`` recorded them."""
+    from edge_node.combiner import STATES
+
+    return {name: record.get(name) for name in STATES}
 
 
 def _fit_head(
@@ -73,17 +80,19 @@ def _fit_head(
     l2: float | None,
     predicts: str,
 ) -> Any:
-    from edge_node.combiner import fit_combiner
+    from edge_node.combiner import STATES, fit_combiner
 
-    with_state = all(r.get("prompt_state") for r in usable)
+    # A probe per state every item has (items evaluated before the answer state have
+    # only the prompt's).
+    probed = [name for name in STATES if all(r.get(name) for r in usable)]
     labels = [bool(r[label]) for r in usable]
     return fit_combiner(
         [r["features"] for r in usable],
         labels,
         model,
-        provenance | {"right": sum(labels), "probe": with_state},
+        provenance | {"right": sum(labels), "probes": probed},
         l2=l2,
-        states=[r["prompt_state"] for r in usable] if with_state else None,
+        states={name: [r[name] for r in usable] for name in probed},
         predicts=predicts,
     )
 
@@ -104,8 +113,8 @@ def fit_from_items(
     heads: str = "both",
 ) -> Fitted:
     """Fit on the ``split`` items, write the weights; ``l2=None``: chosen by 5-fold
-    cross-validation on those items. With the probe when the items carry prompt
-    states; with the gain estimator's cloud head (``<out>.cloud.json``) when they carry
+    cross-validation on those items. With a probe per hidden state the items
+    carry (``STATES``); with the gain estimator's cloud head (``<out>.cloud.json``) when they carry
     the cloud's correctness too.
 
     ``heads``: "edge" or "cloud" fits that head only and keeps the other's file, so
@@ -155,7 +164,7 @@ def fit_from_items(
         labels, scores = _in_sample(edge, usable, "edge_correct")
         summary = (
             f"combiner fitted on {len(usable)} items ({sum(labels)} right, l2 "
-            f"{edge.provenance['l2']:g}, probe {'on' if edge.probe else 'off'}): in-sample "
+            f"{edge.provenance['l2']:g}, probes on {', '.join(edge.probes) or 'none'}): in-sample "
             f"AUROC {auroc(scores, labels) or float('nan'):.3f}, ECE "
             f"{ece(scores, labels) or 0.0:.3f}; wrote {path}"
         )
@@ -168,7 +177,7 @@ def _in_sample(
 ) -> tuple[list[bool], list[float]]:
     """The fitted items' labels and the head's scores for them."""
     labels = [bool(r[label]) for r in usable]
-    scores = [weights.probability(r["features"], r.get("prompt_state")) for r in usable]
+    scores = [weights.probability(r["features"], recorded_states(r)) for r in usable]
     return labels, scores
 
 

@@ -61,6 +61,7 @@ def generation_to_dict(g: Generation) -> dict[str, Any]:
         "token_texts": g.token_texts,
         "reported_completion_tokens": g.reported_completion_tokens,
         "prompt_state": g.prompt_state,
+        "answer_state": g.answer_state,
     }
 
 
@@ -78,6 +79,7 @@ def generation_from_dict(d: dict[str, Any]) -> Generation:
         token_texts=list(d.get("token_texts") or []),
         reported_completion_tokens=d.get("reported_completion_tokens"),
         prompt_state=d.get("prompt_state"),
+        answer_state=d.get("answer_state"),
     )
 
 
@@ -138,7 +140,10 @@ class CachedBackend:
     async def generate(self, request: GenerationRequest) -> Generation:
         key = request_key(self.info.model, "generate", request)
         cached = self.cache.get(key)
-        if cached is not None:
+        # An entry written before generations had an answer state lacks the key: answer
+        # again (a remote backend's entry has it, as null), so the probe is never fitted
+        # or scored on a silently missing state.
+        if cached is not None and "answer_state" in cached:
             return generation_from_dict(cached)
         generation = await self.inner.generate(request)
         self.cache.put(key, generation_to_dict(generation))

@@ -131,7 +131,9 @@ async def _score_item(
             edge_finish=generation.finish_reason.name.lower(),
             edge_tokens=generation.completion_tokens,
             features=features(generation, item.question),
-            prompt_state=generation.prompt_state,  # the combiner's probe input
+            # the combiner's probes' inputs
+            prompt_state=generation.prompt_state,
+            answer_state=generation.answer_state,
         )
         record["latency_ms"]["edge"] = round(generation.generation_ms, 1)
         spent: dict[str, float] = {}

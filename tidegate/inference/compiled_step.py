@@ -181,8 +181,8 @@ def load_package(target: Path, decoder: StaticDecoder) -> Any:
     loader.load_constants(constants, False, True, True)
 
     def step(token, pos, k_caches, v_caches, cos, sin):  # type: ignore[no-untyped-def]
-        logprobs, summary = loader.boxed_run([token, pos, *k_caches, *v_caches, cos, sin])
-        return logprobs, summary
+        logprobs, summary, hidden = loader.boxed_run([token, pos, *k_caches, *v_caches, cos, sin])
+        return logprobs, summary, hidden
 
     return step
 

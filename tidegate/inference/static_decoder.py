@@ -265,11 +265,13 @@ class StaticDecoder:
         v_caches: list[torch.Tensor],
         cos_table: torch.Tensor,
         sin_table: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token → (log-probabilities [vocab] fp32, [greedy id, its logprob, entropy])."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token → (log-probabilities [vocab] fp32, [greedy id, its logprob, entropy],
+        the final hidden state the next token is read from [hidden] fp32: the probe's input
+        once it is the answer's last)."""
         hidden = self._forward(token, pos, k_caches, v_caches, cos_table, sin_table, step=True)
         logprobs, entropy = token_signals(self.lm_head(hidden)[0])  # [vocab], []
-        return logprobs, _summary(logprobs, entropy)
+        return logprobs, _summary(logprobs, entropy), hidden[0].float()
 
     # ---- public -----------------------------------------------------------------------
 
@@ -288,8 +290,9 @@ class StaticDecoder:
         return logprobs, _summary(logprobs, entropy), hidden[0].float()
 
     @torch.inference_mode()
-    def step(self, token_id: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed ``token_id`` at ``position`` (< capacity); the next token's signals."""
+    def step(self, token_id: int, position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Feed ``token_id`` at ``position`` (< capacity); the next token's signals and
+        the hidden state they were read from (as ``prefill``)."""
         self._token.fill_(token_id)
         self._pos.fill_(position)
         fn = self._compiled or self.step_function

@@ -59,9 +59,10 @@ class TokenStep:
     token_id: int
     logprob: float  # log p(token) under the model (temperature 1), nats
     entropy: float  # entropy of the model's next-token distribution, nats
-    # The first step only: the final hidden state at the prompt's last position, what the
-    # first token is read from. The combiner's probe reads it (Kadavath et al. 2022, "P(IK)").
-    prompt_state: torch.Tensor | None = None
+    # The final hidden state this token was read from ([hidden] fp32). The combiner's
+    # probes read two: the first step's (the prompt's last position: Kadavath et al. 2022,
+    # "P(IK)") and the last step's (the answer's end, after the model has committed to it).
+    state: torch.Tensor | None = None
 
 
 def _as_list(state: torch.Tensor | None) -> list[float] | None:
@@ -337,7 +338,8 @@ class TransformersBackend:
             generation_ms=(ended - started) * 1000.0,
             queue_ms=(started - arrived) * 1000.0,
             token_texts=[self.tokenizer.decode([t]) for t in token_ids],
-            prompt_state=_as_list(steps[0].prompt_state) if steps else None,
+            prompt_state=_as_list(steps[0].state) if steps else None,
+            answer_state=_as_list(steps[-1].state) if steps else None,
         )
 
     @torch.inference_mode()
@@ -363,7 +365,7 @@ class TransformersBackend:
         # output_hidden_states would keep every layer's states for the whole prompt.
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
         input_ids = torch.tensor([prompt_ids], dtype=torch.long)  # [1, prompt]
-        for produced in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             if cancel.is_set():
                 raise _Cancelled
             out = decoder(input_ids=input_ids, cache=cache, use_cache=True)
@@ -372,8 +374,7 @@ class TransformersBackend:
             hidden = out.last_hidden_state[:, -1]
             logprobs, entropy = token_signals(head(hidden)[0])  # [vocab]
             token_id = sample_token(logprobs, sampling.temperature, sampling.top_p, generator)
-            state = hidden[0].float() if produced == 0 else None
-            yield TokenStep(token_id, float(logprobs[token_id]), float(entropy), state)
+            yield TokenStep(token_id, float(logprobs[token_id]), float(entropy), hidden[0].float())
             input_ids = torch.tensor([[token_id]], dtype=torch.long)  # [1, 1]
 
     def _decode_static(
@@ -403,7 +404,7 @@ class TransformersBackend:
                 logprob = float(logprobs[token_id])
             else:
                 token_id, logprob = int(best), best_logprob
-            yield TokenStep(token_id, logprob, entropy, state if produced == 1 else None)
+            yield TokenStep(token_id, logprob, entropy, state)
             if produced < max_new_tokens:
-                logprobs, summary = decoder.step(token_id, position)
+                logprobs, summary, state = decoder.step(token_id, position)
                 position += 1
