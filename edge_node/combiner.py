@@ -4,7 +4,9 @@ Its inputs (``features``) are the generation's token signals (log-probs,
 entropies), the same over the *answer span* (the tokens that do not merely
 restate the question: "The capital of Japan is **Tokyo**"), and the kind of
 question and answer (multiple choice, a number, prompt length), with the
-token signals also gated by that kind.
+token signals also gated by that kind; and linear probes on two of the model's
+own final hidden states (``STATES``): where the prompt ends, and where the
+answer ends.
 
 The score is a calibrated probability that the edge answer is right — fitted
 (``fit_combiner``) on labelled evaluation items of one exact edge model variant
@@ -355,16 +357,17 @@ def fit_combiner(
     if all(labels) or not any(labels):
         raise ValueError("need both right and wrong answers to fit the combiner")
     x = np.array([[s[name] for name in names] for s in samples], dtype=float)  # [n, f]
+    states = states or {}
+    unknown = set(states) - set(STATES)
+    if unknown:
+        raise ValueError(f"no probe for states {', '.join(sorted(unknown))}")
     columns: dict[str, slice] = {}  # state name -> its columns in x
-    for name in (n for n in STATES if n in (states or {})):
-        vectors = (states or {})[name]
+    for name in (n for n in STATES if n in states):
+        vectors = states[name]
         if len(vectors) != len(samples) or len({len(v) for v in vectors}) != 1:
             raise ValueError(f"need one {name} per sample, all of one size")
         columns[name] = slice(x.shape[1], x.shape[1] + len(vectors[0]))
         x = np.hstack([x, np.asarray(vectors, dtype=float)])  # [n, f + hidden (+ hidden)]
-    unknown = set(states or {}) - set(STATES)
-    if unknown:
-        raise ValueError(f"no probe for states {', '.join(sorted(unknown))}")
     y = np.asarray(labels, dtype=float)
     if l2 is None:
         l2 = choose_l2(x, y)
