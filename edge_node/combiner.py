@@ -288,7 +288,7 @@ def fit_logistic(
     penalty[-1] = 0.0
     w = np.zeros(d + 1)
     for _ in range(steps):
-        p = 1.0 / (1.0 + np.exp(-(design @ w)))  # [n]
+        p = 0.5 + 0.5 * np.tanh(0.5 * (design @ w))  # [n] the sigmoid, without exp's overflow
         gradient = design.T @ (p - y) + penalty * w  # [d+1]
         hessian = (design * (p * (1 - p))[:, None]).T @ design + np.diag(penalty)
         hessian[-1, -1] += 1e-9  # all-one-class data: keep it invertible
