@@ -212,8 +212,9 @@ class CombinerWeights:
         values: Mapping[str, float],
         states: Mapping[str, Sequence[float] | None] | None = None,
     ) -> float:
-        """P from the features (``features(g, question)``) and the hidden states by name
-        (``states_of(g)``; a missing one counts as the average state)."""
+        """P from the features (``features(g, question)``) and the hidden states by name:
+        ``states_of(g)``, or any mapping that holds them under those names, such as an
+        eval record (a missing one counts as the average state)."""
         z = self.intercept
         for name, mu, sd, w in zip(self.features, self.mean, self.scale, self.coef, strict=True):
             z += w * (values[name] - mu) / sd

@@ -51,25 +51,18 @@ class Fitted:
 
     def rescore(self, records: Sequence[dict[str, Any]]) -> None:
         """Score the records with the new weights (combiner, and gain with a cloud head):
-        both read only the recorded features and hidden states."""
+        both read only the recorded features and hidden states (an eval record holds
+        them under the names the probes read, so it is passed as it is)."""
         from edge_node.combiner import gain_score
 
         for r in records:
             if not r.get("features") or r.get("edge_correct") is None:
                 continue
-            states = recorded_states(r)
-            p_edge = self.edge.probability(r["features"], states)
+            p_edge = self.edge.probability(r["features"], r)
             r["confidence"]["combiner"] = p_edge
             if self.cloud is not None:
-                p_cloud = self.cloud.probability(r["features"], states)
+                p_cloud = self.cloud.probability(r["features"], r)
                 r["confidence"]["gain"] = gain_score(p_edge, p_cloud)
-
-
-def recorded_states(record: Mapping[str, Any]) -> dict[str, Any]:
-    """An item's hidden states by name, as ``tidegate eval`` recorded them."""
-    from edge_node.combiner import STATES
-
-    return {name: record.get(name) for name in STATES}
 
 
 def _fit_head(
@@ -113,9 +106,9 @@ def fit_from_items(
     heads: str = "both",
 ) -> Fitted:
     """Fit on the ``split`` items, write the weights; ``l2=None``: chosen by 5-fold
-    cross-validation on those items. With a probe per hidden state the items
-    carry (``STATES``); with the gain estimator's cloud head (``<out>.cloud.json``) when they carry
-    the cloud's correctness too.
+    cross-validation on those items. With a probe per hidden state the items carry
+    (``STATES``); with the gain estimator's cloud head (``<out>.cloud.json``) when they
+    carry the cloud's correctness too.
 
     ``heads``: "edge" or "cloud" fits that head only and keeps the other's file, so
     the two can be fitted on different items (the edge head on the large fitting set
@@ -177,7 +170,7 @@ def _in_sample(
 ) -> tuple[list[bool], list[float]]:
     """The fitted items' labels and the head's scores for them."""
     labels = [bool(r[label]) for r in usable]
-    scores = [weights.probability(r["features"], recorded_states(r)) for r in usable]
+    scores = [weights.probability(r["features"], r) for r in usable]
     return labels, scores
 
 
