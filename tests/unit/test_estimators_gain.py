@@ -261,3 +261,28 @@ def test_the_edge_names_the_cloud_its_gain_was_fitted_for(tmp_path):
     assert _describe(gain) == "gain, cloud head fitted for big"
     assert _describe(CombinerEstimator(fitted.edge)) == "combiner"
     assert _describe(None) == "none"
+
+
+def test_the_probe_ablation_bench_compares_the_four_fits(tmp_path):
+    """bench/probe_ablation.py (the README's table of what each probe buys), run as a
+    user runs it, on items whose answer state knows the slips the prompt state cannot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fit = tmp_path / "fit.jsonl"
+    dev = tmp_path / "dev.jsonl"
+    fit.write_text("".join(json.dumps(r) + "\n" for r in _records(300, seed=11, slip=0.3)))
+    held_out = _records(200, seed=12, slip=0.3) + _records(200, seed=13, split="test", slip=0.3)
+    dev.write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    script = Path(__file__).resolve().parents[2] / "bench" / "probe_ablation.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--fit", str(fit), "--dev", str(dev)],
+        capture_output=True, text=True, check=True, cwd=script.parents[1],
+    ).stdout  # fmt: skip
+    lines = out.splitlines()
+    assert lines[0].split()[-2:] == ["calib", "test"] and len(lines) == 5
+    rows = {line.rsplit(maxsplit=3)[0]: [float(v) for v in line.split()[-2:]] for line in lines[1:]}
+    tokens, both = rows["tokens"], rows["tokens + prompt_state + answer_state"]
+    prompt = rows["tokens + prompt_state"]
+    assert all(b > p + 0.03 > t + 0.03 for b, p, t in zip(both, prompt, tokens, strict=True))
