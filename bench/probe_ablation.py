@@ -13,7 +13,6 @@ answer's state instead, + both — and each fit's AUROC is printed per split of
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +24,6 @@ VARIANTS: tuple[tuple[str, ...], ...] = (
     ("answer_state",),
     ("prompt_state", "answer_state"),
 )
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def ablation(fit: Sequence[dict[str, Any]], dev: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -63,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fit", required=True, type=Path, help="items.jsonl the fits learn from")
     parser.add_argument("--dev", required=True, type=Path, help="items.jsonl they are read on")
     args = parser.parse_args(argv)
-    rows = ablation(_read(args.fit), _read(args.dev))
+    from tidegate.evaluation.runner import read_items
+
+    rows = ablation(read_items(args.fit), read_items(args.dev))
     splits = [k for k in rows[0] if k not in ("probes", "l2")]
     print(f"{'combiner inputs':38} {'l2':>6} " + " ".join(f"{s:>7}" for s in splits))
     for row in rows:

@@ -17,18 +17,18 @@ catches the residual stream after each layer with forward hooks, and fits the co
 - ``mean``: the mean over those two and every position between.
 
 Each fit is read on ``--dev``'s ``calib`` and ``test`` (AUROC), and routed as gain
-routes: a cloud head fitted on ``calib`` on the same inputs, the threshold that
-escalates at most 25% of ``calib``, and what that threshold does on ``test`` (escalated,
-routed accuracy as a fraction of cloud-only). The first row reads the states the decode
-loop recorded (the shipped inputs: both probes) the same way. Penalties are fixed
-(``--l2``, ``--cloud-l2``: what cross-validation chose for the shipped heads), so the
-rows differ only in their inputs. Nothing is written.
+routes: a cloud head fitted on ``calib`` on the same inputs, the threshold ``tidegate
+calibrate`` picks on ``calib`` for at most 25% escalated (its own code), and what that
+threshold does on ``test`` (escalated, routed accuracy as a fraction of cloud-only).
+The first row reads the states the decode loop recorded (the shipped inputs: both
+probes) the same way. Penalties are fixed (``--l2``, ``--cloud-l2``: what
+cross-validation chose for the shipped heads), so the rows differ only in their
+inputs. Nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,10 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "devset"
 READINGS = ("prompt", "answer", "mean")
 BUDGET = 0.25  # the issue's escalation budget
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def residual_stream(decoder: Any, ids: Sequence[int]) -> Any:
@@ -91,17 +87,17 @@ def collect(
     records: Sequence[dict[str, Any]],
     data: Path,
     layers: Sequence[int],
-    cache_dir: Path,
+    answers: Any,
 ) -> dict[str, dict[str, Any]]:
-    """Readings per item id, of each answer in the backend's eval generation cache."""
+    """Readings per item id, of each answer in ``answers`` (the backend's eval generation
+    cache, a ``gencache.OutputCache``)."""
     import torch
 
     from tidegate.evaluation.dataset import load_items
-    from tidegate.evaluation.gencache import OutputCache, request_key
+    from tidegate.evaluation.gencache import request_key
     from tidegate.evaluation.runner import DEFAULT_MAX_NEW_TOKENS, item_request
 
     model = backend.info.model
-    answers = OutputCache(cache_dir, model)
     items = {item.id: item for item in load_items(data)}
     states = {}
     with torch.inference_mode():
@@ -147,42 +143,34 @@ def evaluate(
     cloud_l2: float,
 ) -> dict[str, float | None]:
     """AUROC per dev split of the edge head fitted on ``fit``, and gain's routing on
-    ``test`` at the threshold that escalates ≤ BUDGET of ``calib``."""
+    ``test`` at the threshold ``tidegate calibrate`` picks on ``calib`` for ≤ BUDGET."""
     from edge_node.combiner import gain_score
+    from tidegate.evaluation.calibrate import Target, calibrate, replay
     from tidegate.evaluation.metrics import auroc
 
     split = np.array([r["split"] for r in dev])
     edge_right = np.array([bool(r["edge_correct"]) for r in dev])
     edge = _head(fit, fit_inputs, "edge_correct", l2)
-    p_edge = [edge.probability(r["features"], s) for r, s in zip(dev, dev_inputs, strict=True)]
+    p_edge = np.array(
+        [edge.probability(r["features"], s) for r, s in zip(dev, dev_inputs, strict=True)]
+    )
     row: dict[str, float | None] = {
-        name: auroc(
-            [p for p, s in zip(p_edge, split, strict=True) if s == name],
-            edge_right[split == name].tolist(),
-        )
+        name: auroc(p_edge[split == name].tolist(), edge_right[split == name].tolist())
         for name in ("calib", "test")
     }
-    calib, test = split == "calib", split == "test"
-    if not calib.any() or not test.any() or dev[0].get("cloud_correct") is None:
+    on_calib = np.flatnonzero(split == "calib")
+    if not on_calib.size or "test" not in split or dev[0].get("cloud_correct") is None:
         return row | {"escalated": None, "of_cloud": None}
-    cloud_right = np.array([bool(r["cloud_correct"]) for r in dev])
-    on_calib = [i for i in range(len(dev)) if calib[i]]
     cloud = _head(
         [dev[i] for i in on_calib], [dev_inputs[i] for i in on_calib], "cloud_correct", cloud_l2
     )
-    gain = np.array(
-        [
-            gain_score(p, cloud.probability(r["features"], s))
-            for p, r, s in zip(p_edge, dev, dev_inputs, strict=True)
-        ]
-    )
-    threshold = np.sort(gain[calib])[int(BUDGET * calib.sum())]  # escalate below it
-    escalate = gain[test] < threshold
-    routed = np.where(escalate, cloud_right[test], edge_right[test]).mean()
-    return row | {
-        "escalated": float(escalate.mean()),
-        "of_cloud": float(routed / cloud_right[test].mean()),
-    }
+    scored = [
+        r | {"confidence": {"gain": gain_score(p, cloud.probability(r["features"], s))}}
+        for p, r, s in zip(p_edge, dev, dev_inputs, strict=True)
+    ]
+    picked = calibrate([scored[i] for i in on_calib], "gain", Target(escalation=BUDGET))
+    held_out = replay([r for r in scored if r["split"] == "test"], "gain", picked.threshold)
+    return row | {"escalated": held_out.escalated, "of_cloud": held_out.of_cloud}
 
 
 def scan(
@@ -236,20 +224,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge_node.settings import EdgeSettings
     from tidegate.config import load_config
-    from tidegate.evaluation.runner import EvalOptions, default_cache_dir
+    from tidegate.evaluation.gencache import OutputCache
+    from tidegate.evaluation.runner import default_cache_dir, read_items
     from tidegate.inference import load_backend
 
     layers = [int(v) for v in args.layers.split(",")]
-    fit = [r for r in _read(args.fit) if r.get("edge_correct") is not None]
-    dev = [r for r in _read(args.dev) if r.get("edge_correct") is not None]
+    fit = [r for r in read_items(args.fit) if r.get("edge_correct") is not None]
+    dev = [r for r in read_items(args.dev) if r.get("edge_correct") is not None]
     backend = load_backend(
         load_config(EdgeSettings, args.edge_config, env_prefix="TIDEGATE_EDGE").model
     )
     if backend.decoder is None:
         raise SystemExit("the edge model does not decode through the static decoder")
-    cache_dir = default_cache_dir(EvalOptions(args.dev_data, Path(), cache_dir=args.cache_dir))
-    fit_states = collect(backend, fit, args.fit_data, layers, cache_dir)
-    dev_states = collect(backend, dev, args.dev_data, layers, cache_dir)
+    answers = OutputCache(default_cache_dir(args.cache_dir), backend.info.model)
+    fit_states = collect(backend, fit, args.fit_data, layers, answers)
+    dev_states = collect(backend, dev, args.dev_data, layers, answers)
     rows = scan(fit, dev, fit_states, dev_states, layers, args.l2, args.cloud_l2)
     print(f"{'probe input':32} {'calib':>6} {'test':>6}  {'test: escalated':>15} {'of cloud':>8}")
     for row in rows:

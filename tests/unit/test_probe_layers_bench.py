@@ -19,7 +19,7 @@ from tests.support.tiny_models import TINY_CONTEXT_LENGTH, tiny_model_and_tokeni
 from tidegate.backend import Generation
 from tidegate.chat import FinishReason
 from tidegate.evaluation.dataset import load_items
-from tidegate.evaluation.gencache import CachedBackend
+from tidegate.evaluation.gencache import CachedBackend, OutputCache
 from tidegate.evaluation.runner import DEFAULT_MAX_NEW_TOKENS, item_request
 from tidegate.inference.static_decoder import StaticDecoder
 from tidegate.inference.transformers_backend import TransformersBackend
@@ -65,7 +65,9 @@ def test_a_cached_answer_is_re_read_as_the_decode_loop_read_it(bench, tmp_path):
         request = item_request(item, DEFAULT_MAX_NEW_TOKENS)
         answers[item.id] = asyncio.run(cached.generate(request))
     records = [{"id": r["id"]} for r in rows]
-    states = bench.collect(backend, records, data, [0, 1], tmp_path / "cache")
+    states = bench.collect(
+        backend, records, data, [0, 1], OutputCache(tmp_path / "cache", "tiny@t/none")
+    )
     for record in records:
         generation = answers[record["id"]]
         reading = states[record["id"]]
@@ -75,7 +77,9 @@ def test_a_cached_answer_is_re_read_as_the_decode_loop_read_it(bench, tmp_path):
         np.testing.assert_allclose(normed, generation.answer_state, atol=1e-4)
         assert not np.allclose(reading["mean"][1], reading["answer"][1])
     with pytest.raises(SystemExit, match="no cached answer"):
-        bench.collect(backend, records, data, [0, 1], tmp_path / "elsewhere")
+        bench.collect(
+            backend, records, data, [0, 1], OutputCache(tmp_path / "elsewhere", "tiny@t/none")
+        )
 
 
 def _synthetic(n: int, seed: int, split: str) -> tuple[list[dict], dict[str, dict]]:

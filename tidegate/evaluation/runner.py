@@ -54,10 +54,10 @@ class EvalOptions:
     progress: bool = True
 
 
-def default_cache_dir(options: EvalOptions) -> Path:
+def default_cache_dir(cache_dir: Path | None = None) -> Path:
     """--cache-dir, else $TIDEGATE_EVAL_CACHE_DIR, else ~/.cache/tidegate/eval."""
-    if options.cache_dir is not None:
-        return options.cache_dir
+    if cache_dir is not None:
+        return cache_dir
     env = os.environ.get("TIDEGATE_EVAL_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tidegate" / "eval"
 
@@ -172,7 +172,7 @@ async def run_items(
 
     Backends are loaded from the options' settings unless given (tests pass tiny ones).
     """
-    cache_dir = default_cache_dir(options)
+    cache_dir = default_cache_dir(options.cache_dir)
     edge: CachedBackend | None = None
     cloud: CachedBackend | None = None
     estimators: list[ConfidenceEstimator] = []
