@@ -34,12 +34,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from tidegate.evaluation.heldout import cell, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "devset"
 READINGS = ("prompt", "answer", "mean")
-BUDGET = 0.25  # the issue's escalation budget
 
 
 def residual_stream(decoder: Any, ids: Sequence[int]) -> Any:
@@ -113,66 +112,6 @@ def collect(
     return states
 
 
-def _head(
-    records: Sequence[Mapping[str, Any]],
-    inputs: Sequence[Mapping[str, Any]],
-    label: str,
-    l2: float,
-) -> Any:
-    """A combiner head fitted as ``tidegate fit-combiner`` fits one (the same code), on
-    the records' token features and ``inputs``' states, to predict ``label``."""
-    from edge_node.combiner import fit_combiner
-
-    names = list(inputs[0])
-    return fit_combiner(
-        [r["features"] for r in records],
-        [bool(r[label]) for r in records],
-        "probe_layers",
-        {},
-        l2=l2,
-        states={name: [state[name] for state in inputs] for name in names},
-    )
-
-
-def evaluate(
-    fit: Sequence[Mapping[str, Any]],
-    fit_inputs: Sequence[Mapping[str, Any]],
-    dev: Sequence[Mapping[str, Any]],
-    dev_inputs: Sequence[Mapping[str, Any]],
-    l2: float,
-    cloud_l2: float,
-) -> dict[str, float | None]:
-    """AUROC per dev split of the edge head fitted on ``fit``, and gain's routing on
-    ``test`` at the threshold ``tidegate calibrate`` picks on ``calib`` for ≤ BUDGET."""
-    from edge_node.combiner import gain_score
-    from tidegate.evaluation.calibrate import Target, calibrate, replay
-    from tidegate.evaluation.metrics import auroc
-
-    split = np.array([r["split"] for r in dev])
-    edge_right = np.array([bool(r["edge_correct"]) for r in dev])
-    edge = _head(fit, fit_inputs, "edge_correct", l2)
-    p_edge = np.array(
-        [edge.probability(r["features"], s) for r, s in zip(dev, dev_inputs, strict=True)]
-    )
-    row: dict[str, float | None] = {
-        name: auroc(p_edge[split == name].tolist(), edge_right[split == name].tolist())
-        for name in ("calib", "test")
-    }
-    on_calib = np.flatnonzero(split == "calib")
-    if not on_calib.size or "test" not in split or dev[0].get("cloud_correct") is None:
-        return row | {"escalated": None, "of_cloud": None}
-    cloud = _head(
-        [dev[i] for i in on_calib], [dev_inputs[i] for i in on_calib], "cloud_correct", cloud_l2
-    )
-    scored = [
-        r | {"confidence": {"gain": gain_score(p, cloud.probability(r["features"], s))}}
-        for p, r, s in zip(p_edge, dev, dev_inputs, strict=True)
-    ]
-    picked = calibrate([scored[i] for i in on_calib], "gain", Target(escalation=BUDGET))
-    held_out = replay([r for r in scored if r["split"] == "test"], "gain", picked.threshold)
-    return row | {"escalated": held_out.escalated, "of_cloud": held_out.of_cloud}
-
-
 def scan(
     fit: Sequence[dict[str, Any]],
     dev: Sequence[dict[str, Any]],
@@ -203,10 +142,6 @@ def scan(
             result = evaluate(fit, fit_inputs, dev, dev_inputs, l2, cloud_l2)
             rows.append({"input": f"layer {layer:2d} {reading}"} | result)
     return rows
-
-
-def _cell(value: float | None, spec: str) -> str:
-    return format(value, spec) if value is not None else "-".rjust(len(format(0.0, spec)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'probe input':32} {'calib':>6} {'test':>6}  {'test: escalated':>15} {'of cloud':>8}")
     for row in rows:
         print(
-            f"{row['input']:32} {_cell(row['calib'], '6.3f')} {_cell(row['test'], '6.3f')}"
-            f"  {_cell(row['escalated'], '15.1%')} {_cell(row['of_cloud'], '8.1%')}"
+            f"{row['input']:32} {cell(row['calib'], '6.3f')} {cell(row['test'], '6.3f')}"
+            f"  {cell(row['escalated'], '15.1%')} {cell(row['of_cloud'], '8.1%')}"
         )
     return 0
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
-import importlib.util
 import json
 import os
 import re
-import sys
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+
+from tests.support.scripts import load_script
 
 DEVSET = Path(__file__).resolve().parents[2] / "data" / "devset"
 FLOORS = {  # fewest items a category may have
@@ -43,11 +43,7 @@ MONTHS = list(calendar.month_name)[1:]
 
 
 def load_build():
-    spec = importlib.util.spec_from_file_location("devset_build", DEVSET / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("data/devset/build.py", "devset_build")
 
 
 @pytest.fixture(scope="module")

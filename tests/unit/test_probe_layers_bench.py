@@ -5,16 +5,15 @@ that carries the signal."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from edge_node.combiner import features
+from tests.support.scripts import load_script
 from tests.support.tiny_models import TINY_CONTEXT_LENGTH, tiny_model_and_tokenizer
 from tidegate.backend import Generation
 from tidegate.chat import FinishReason
@@ -24,15 +23,10 @@ from tidegate.evaluation.runner import DEFAULT_MAX_NEW_TOKENS, item_request
 from tidegate.inference.static_decoder import StaticDecoder
 from tidegate.inference.transformers_backend import TransformersBackend
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "probe_layers.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("probe_layers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/probe_layers.py", "probe_layers")
 
 
 def test_the_residual_stream_is_each_layers_output(bench):

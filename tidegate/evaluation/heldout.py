@@ -1,0 +1,86 @@
+"""A fitting recipe read on held-out items, as the benches that compare recipes read it
+(``bench/probe_layers.py``: which inputs; ``bench/fit_data.py``: which fitting items).
+
+The recipe is the shipped one with its inputs or items swapped: the combiner (the edge
+head) fitted on the fitting items, gain's cloud head on the development set's ``calib``
+split, the threshold ``tidegate calibrate`` picks on ``calib`` for an escalation budget
+(its own code), and what that threshold does on ``test``, which nothing was fitted or
+picked on. Penalties are fixed, so that compared rows differ only in what they vary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+BUDGET = 0.25  # the issue's escalation budget
+
+
+def fit_head(
+    records: Sequence[Mapping[str, Any]],
+    inputs: Sequence[Mapping[str, Any]],
+    label: str,
+    l2: float,
+) -> Any:
+    """A combiner head fitted as ``tidegate fit-combiner`` fits one (the same code), on
+    the records' token features and ``inputs``' states (probe name → vector), to predict
+    ``label``."""
+    from edge_node.combiner import fit_combiner
+
+    names = list(inputs[0])
+    return fit_combiner(
+        [r["features"] for r in records],
+        [bool(r[label]) for r in records],
+        "held-out",
+        {},
+        l2=l2,
+        states={name: [state[name] for state in inputs] for name in names},
+    )
+
+
+def evaluate(
+    fit: Sequence[Mapping[str, Any]],
+    fit_inputs: Sequence[Mapping[str, Any]],
+    dev: Sequence[Mapping[str, Any]],
+    dev_inputs: Sequence[Mapping[str, Any]],
+    l2: float,
+    cloud_l2: float,
+    budget: float = BUDGET,
+) -> dict[str, float | None]:
+    """AUROC per dev split (``calib``, ``test``) of the edge head fitted on ``fit``, and
+    gain's routing on ``test`` (``escalated``, ``of_cloud``: routed accuracy as a
+    fraction of cloud-only) at the threshold picked on ``calib`` for ≤ ``budget``."""
+    from edge_node.combiner import gain_score
+    from tidegate.evaluation.calibrate import Target, calibrate, replay
+    from tidegate.evaluation.metrics import auroc
+
+    split = np.array([r["split"] for r in dev])
+    edge_right = np.array([bool(r["edge_correct"]) for r in dev])
+    edge = fit_head(fit, fit_inputs, "edge_correct", l2)
+    p_edge = np.array(
+        [edge.probability(r["features"], s) for r, s in zip(dev, dev_inputs, strict=True)]
+    )
+    row: dict[str, float | None] = {
+        name: auroc(p_edge[split == name].tolist(), edge_right[split == name].tolist())
+        for name in ("calib", "test")
+    }
+    on_calib = [i for i, name in enumerate(split) if name == "calib"]
+    if not on_calib or "test" not in split or dev[0].get("cloud_correct") is None:
+        return row | {"escalated": None, "of_cloud": None}
+    cloud = fit_head(
+        [dev[i] for i in on_calib], [dev_inputs[i] for i in on_calib], "cloud_correct", cloud_l2
+    )
+    scored = [
+        {**r, "confidence": {"gain": gain_score(p, cloud.probability(r["features"], s))}}
+        for p, r, s in zip(p_edge, dev, dev_inputs, strict=True)
+    ]
+    picked = calibrate([scored[i] for i in on_calib], "gain", Target(escalation=budget))
+    held_out = replay([r for r in scored if r["split"] == "test"], "gain", picked.threshold)
+    return row | {"escalated": held_out.escalated, "of_cloud": held_out.of_cloud}
+
+
+def cell(value: float | None, spec: str) -> str:
+    """A table cell: the value formatted, or "-" where there is none."""
+    return format(value, spec) if value is not None else "-".rjust(len(format(0.0, spec)))
