@@ -29,9 +29,10 @@ VARIANTS: tuple[tuple[str, ...], ...] = (
 def ablation(fit: Sequence[dict[str, Any]], dev: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per variant: its probes, the chosen penalty, and AUROC per dev split."""
     from edge_node.combiner import fit_combiner
+    from tidegate.evaluation.heldout import usable
     from tidegate.evaluation.metrics import auroc
 
-    fit = [r for r in fit if r.get("edge_correct") is not None and r.get("features")]
+    fit = usable(fit)
     labels = [bool(r["edge_correct"]) for r in fit]
     splits = sorted({r["split"] for r in dev if r.get("edge_correct") is not None})
     rows = []

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tidegate.evaluation.heldout import cell, evaluate
+from tidegate.evaluation.heldout import cloud_head, evaluate, print_table, usable
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "devset"
@@ -124,23 +124,23 @@ def scan(
     """One row per input: the recorded states (both probes), then each layer × reading.
     A reading goes into the combiner's ``prompt_state`` probe: one probe, any vector."""
     recorded = ("prompt_state", "answer_state")
+
+    def row(name: str, fit_inputs: list[Any], dev_inputs: list[Any]) -> dict[str, Any]:
+        cloud = cloud_head(dev, dev_inputs, cloud_l2)  # gain's cloud head reads them too
+        return {"input": name} | evaluate(fit, fit_inputs, dev, dev_inputs, l2, cloud)
+
     rows = [
-        {"input": "decode loop's states (shipped)"}
-        | evaluate(
-            fit,
+        row(
+            "decode loop's states (shipped)",
             [{n: r[n] for n in recorded} for r in fit],
-            dev,
             [{n: r[n] for n in recorded} for r in dev],
-            l2,
-            cloud_l2,
         )
     ]
     for k, layer in enumerate(layers):
         for reading in READINGS:
             fit_inputs = [{"prompt_state": fit_states[r["id"]][reading][k]} for r in fit]
             dev_inputs = [{"prompt_state": dev_states[r["id"]][reading][k]} for r in dev]
-            result = evaluate(fit, fit_inputs, dev, dev_inputs, l2, cloud_l2)
-            rows.append({"input": f"layer {layer:2d} {reading}"} | result)
+            rows.append(row(f"layer {layer:2d} {reading}", fit_inputs, dev_inputs))
     return rows
 
 
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     from tidegate.inference import load_backend
 
     layers = [int(v) for v in args.layers.split(",")]
-    fit = [r for r in read_items(args.fit) if r.get("edge_correct") is not None]
-    dev = [r for r in read_items(args.dev) if r.get("edge_correct") is not None]
+    fit = usable(read_items(args.fit))
+    dev = usable(read_items(args.dev))
     backend = load_backend(
         load_config(EdgeSettings, args.edge_config, env_prefix="TIDEGATE_EDGE").model
     )
@@ -175,12 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     fit_states = collect(backend, fit, args.fit_data, layers, answers)
     dev_states = collect(backend, dev, args.dev_data, layers, answers)
     rows = scan(fit, dev, fit_states, dev_states, layers, args.l2, args.cloud_l2)
-    print(f"{'probe input':32} {'calib':>6} {'test':>6}  {'test: escalated':>15} {'of cloud':>8}")
-    for row in rows:
-        print(
-            f"{row['input']:32} {cell(row['calib'], '6.3f')} {cell(row['test'], '6.3f')}"
-            f"  {cell(row['escalated'], '15.1%')} {cell(row['of_cloud'], '8.1%')}"
-        )
+    print_table(rows, "input")
     return 0
 
 

@@ -13,9 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 BUDGET = 0.25  # the issue's escalation budget
+SPLITS = ("calib", "test")
+
+
+def usable(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The eval records a head can learn from or be read on: graded, with token features."""
+    return [r for r in records if r.get("edge_correct") is not None and r.get("features")]
 
 
 def fit_head(
@@ -40,43 +44,52 @@ def fit_head(
     )
 
 
+def cloud_head(
+    dev: Sequence[Mapping[str, Any]], dev_inputs: Sequence[Mapping[str, Any]], cloud_l2: float
+) -> Any | None:
+    """Gain's cloud head, fitted on ``dev``'s ``calib`` items; None where ``dev`` can't
+    be routed (no ``calib`` or no ``test`` items, or no cloud answers)."""
+    on_calib = [i for i, r in enumerate(dev) if r["split"] == "calib"]
+    has_test = any(r["split"] == "test" for r in dev)
+    if not on_calib or not has_test or dev[0].get("cloud_correct") is None:
+        return None
+    return fit_head(
+        [dev[i] for i in on_calib], [dev_inputs[i] for i in on_calib], "cloud_correct", cloud_l2
+    )
+
+
 def evaluate(
     fit: Sequence[Mapping[str, Any]],
     fit_inputs: Sequence[Mapping[str, Any]],
     dev: Sequence[Mapping[str, Any]],
     dev_inputs: Sequence[Mapping[str, Any]],
     l2: float,
-    cloud_l2: float,
+    cloud: Any | None,
     budget: float = BUDGET,
 ) -> dict[str, float | None]:
-    """AUROC per dev split (``calib``, ``test``) of the edge head fitted on ``fit``, and
-    gain's routing on ``test`` (``escalated``, ``of_cloud``: routed accuracy as a
-    fraction of cloud-only) at the threshold picked on ``calib`` for ≤ ``budget``."""
+    """AUROC per dev split (``calib``, ``test``) of the edge head fitted on ``fit``, and,
+    with gain's ``cloud`` head (``cloud_head()``), gain's routing on ``test``
+    (``escalated``, ``of_cloud``: routed accuracy as a fraction of cloud-only) at the
+    threshold picked on ``calib`` for ≤ ``budget``."""
     from edge_node.combiner import gain_score
     from tidegate.evaluation.calibrate import Target, calibrate, replay
     from tidegate.evaluation.metrics import auroc
 
-    split = np.array([r["split"] for r in dev])
-    edge_right = np.array([bool(r["edge_correct"]) for r in dev])
     edge = fit_head(fit, fit_inputs, "edge_correct", l2)
-    p_edge = np.array(
-        [edge.probability(r["features"], s) for r, s in zip(dev, dev_inputs, strict=True)]
-    )
-    row: dict[str, float | None] = {
-        name: auroc(p_edge[split == name].tolist(), edge_right[split == name].tolist())
-        for name in ("calib", "test")
-    }
-    on_calib = [i for i, name in enumerate(split) if name == "calib"]
-    if not on_calib or "test" not in split or dev[0].get("cloud_correct") is None:
+    p_edge = [edge.probability(r["features"], s) for r, s in zip(dev, dev_inputs, strict=True)]
+    row: dict[str, float | None] = {}
+    for name in SPLITS:
+        on = [i for i, r in enumerate(dev) if r["split"] == name]
+        row[name] = auroc([p_edge[i] for i in on], [bool(dev[i]["edge_correct"]) for i in on])
+    if cloud is None:
         return row | {"escalated": None, "of_cloud": None}
-    cloud = fit_head(
-        [dev[i] for i in on_calib], [dev_inputs[i] for i in on_calib], "cloud_correct", cloud_l2
-    )
     scored = [
         {**r, "confidence": {"gain": gain_score(p, cloud.probability(r["features"], s))}}
         for p, r, s in zip(p_edge, dev, dev_inputs, strict=True)
     ]
-    picked = calibrate([scored[i] for i in on_calib], "gain", Target(escalation=budget))
+    picked = calibrate(
+        [r for r in scored if r["split"] == "calib"], "gain", Target(escalation=budget)
+    )
     held_out = replay([r for r in scored if r["split"] == "test"], "gain", picked.threshold)
     return row | {"escalated": held_out.escalated, "of_cloud": held_out.of_cloud}
 
@@ -84,3 +97,15 @@ def evaluate(
 def cell(value: float | None, spec: str) -> str:
     """A table cell: the value formatted, or "-" where there is none."""
     return format(value, spec) if value is not None else "-".rjust(len(format(0.0, spec)))
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], label: str) -> None:
+    """``evaluate()``'s rows as a table, each named by its ``label`` entry."""
+    width = max(len(label), *(len(row[label]) for row in rows))
+    print(f"{label:{width}} {'calib':>6} {'test':>6}  {'test: escalated':>15} {'of cloud':>8}")
+    for row in rows:
+        print(
+            f"{row[label]:{width}} {cell(row['calib'], '6.3f')} {cell(row['test'], '6.3f')}"
+            f"  {cell(row['escalated'], '15.1%')} {cell(row['of_cloud'], '8.1%')}",
+            flush=True,
+        )
