@@ -77,24 +77,24 @@ def evaluate(
 
     edge = fit_head(fit, fit_inputs, "edge_correct", l2)
     p_edge = [edge.probability(r["features"], s) for r, s in zip(dev, dev_inputs, strict=True)]
-    row: dict[str, float | None] = {}
-    for name in SPLITS:
-        on = [i for i, r in enumerate(dev) if r["split"] == name]
-        row[name] = auroc([p_edge[i] for i in on], [bool(dev[i]["edge_correct"]) for i in on])
+    on = {name: [i for i, r in enumerate(dev) if r["split"] == name] for name in SPLITS}
+    row: dict[str, float | None] = {
+        name: auroc([p_edge[i] for i in on[name]], [bool(dev[i]["edge_correct"]) for i in on[name]])
+        for name in SPLITS
+    }
     if cloud is None:
         return row | {"escalated": None, "of_cloud": None}
     scored = [
         {**r, "confidence": {"gain": gain_score(p, cloud.probability(r["features"], s))}}
         for p, r, s in zip(p_edge, dev, dev_inputs, strict=True)
     ]
-    picked = calibrate(
-        [r for r in scored if r["split"] == "calib"], "gain", Target(escalation=budget)
-    )
-    held_out = replay([r for r in scored if r["split"] == "test"], "gain", picked.threshold)
+    calib, test = ([scored[i] for i in on[name]] for name in SPLITS)
+    picked = calibrate(calib, "gain", Target(escalation=budget))
+    held_out = replay(test, "gain", picked.threshold)
     return row | {"escalated": held_out.escalated, "of_cloud": held_out.of_cloud}
 
 
-def cell(value: float | None, spec: str) -> str:
+def _cell(value: float | None, spec: str) -> str:
     """A table cell: the value formatted, or "-" where there is none."""
     return format(value, spec) if value is not None else "-".rjust(len(format(0.0, spec)))
 
@@ -105,7 +105,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], label: str) -> None:
     print(f"{label:{width}} {'calib':>6} {'test':>6}  {'test: escalated':>15} {'of cloud':>8}")
     for row in rows:
         print(
-            f"{row[label]:{width}} {cell(row['calib'], '6.3f')} {cell(row['test'], '6.3f')}"
-            f"  {cell(row['escalated'], '15.1%')} {cell(row['of_cloud'], '8.1%')}",
+            f"{row[label]:{width}} {_cell(row['calib'], '6.3f')} {_cell(row['test'], '6.3f')}"
+            f"  {_cell(row['escalated'], '15.1%')} {_cell(row['of_cloud'], '8.1%')}",
             flush=True,
         )
