@@ -3,6 +3,7 @@ over a real tiny transformers model."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -106,3 +107,19 @@ async def test_consistency_compares_against_the_given_answer(backend):
     generation = await backend.generate(REQUEST)
     generation.text = "something the model would never say"
     assert await estimator.score(REQUEST, generation) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["consistency", "self_verify"])
+async def test_a_streamed_answer_can_be_scored_by_an_estimator_that_runs_the_model(backend, kind):
+    # The node scores the stream's final item while the stream is paused on it: the model
+    # lock must be free by then, or the estimator's own generation waits on it forever.
+    estimator = (
+        ConsistencyEstimator(backend, samples=2, temperature=1e-4)
+        if kind == "consistency"
+        else SelfVerifyEstimator(backend)
+    )
+    async with asyncio.timeout(60):
+        async for item in backend.stream(REQUEST):
+            if not isinstance(item, str):
+                score = await estimator.score(REQUEST, item)
+    assert 0.0 <= score <= 1.0

@@ -212,9 +212,13 @@ class TransformersBackend:
             try:
                 while (item := await queue.get()) is not done:
                     yield item
-                yield future.result()
+                final = future.result()
             finally:
                 cancel.set()
+        # Yielded after the lock is released: the consumer scores the answer while
+        # this generator is paused, and estimators that run the model again
+        # (consistency, self_verify) need the lock themselves.
+        yield final
 
     async def next_token_logprobs(
         self, messages: Sequence[ChatMessage], candidates: Sequence[str]
