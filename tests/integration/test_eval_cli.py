@@ -182,3 +182,28 @@ def test_fit_combiner_then_calibrate_a_policy(workdir, capsys):
     settings = load_router_settings(policy)
     assert settings.policy.estimator == "gain"  # the default when the policy names none
     assert f"gain on edge model {fitted['model']}" in policy.read_text()
+
+
+def test_calibrate_on_a_data_file_scores_with_the_weights_it_just_fitted(
+    workdir, capsys, monkeypatch
+):
+    from edge_node.combiner import load_weights
+
+    monkeypatch.setenv("TIDEGATE_EVAL_CACHE_DIR", str(workdir / "cache"))
+    weights = workdir / "fresh.json"  # not the file the edge config names (none: the default)
+    policy = workdir / "fresh-router.yaml"
+    policy.write_text(DEFAULT_POLICY_PATH.read_text())
+    out = workdir / "calibrated"
+    code = run(["calibrate", "--data", str(workdir / "data.jsonl"), "--fit-combiner",
+                "--combiner-file", str(weights), "--edge-config", str(workdir / "edge.yaml"),
+                "--cloud-config", str(workdir / "cloud.yaml"), "--out", str(out),
+                "--target-escalation", "0.5", "--policy", str(policy)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    head = load_weights(weights, json.loads(weights.read_text())["model"])
+    records = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
+    scored = [r for r in records if r.get("features")]
+    assert len(scored) == len(QUESTIONS)
+    for r in scored:  # the items (and the threshold) are scored by the weights just written
+        assert r["confidence"]["combiner"] == pytest.approx(head.probability(r["features"], r))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["estimators"]["combiner"]["ece"] is not None

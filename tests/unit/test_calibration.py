@@ -89,6 +89,31 @@ def test_extremes_and_replay():
     assert math.isnan(replay(no_cloud, "gain", 0.35).of_cloud)  # no cloud-only accuracy
 
 
+def test_what_is_reported_is_what_the_threshold_does():
+    # A score of 1 cannot be escalated by any threshold the router accepts (≤ 1).
+    top = [rec(s, False, True) for s in (0.1, 0.2, 0.3, 1.0)]  # escalating all is best
+    everything = calibrate(top, "gain", Target(escalation=1.0))
+    assert everything.threshold == 1.0 and everything.escalated == 0.75
+    # Two scores closer than 4 decimals: the exact midpoint, not a rounded one.
+    close = [rec(s, s > 0.5, True) for s in (0.10, 0.12341, 0.12344, 0.9)]
+    result = calibrate(close, "gain", Target(escalation=0.5))
+    assert 0.12341 < result.threshold < 0.12344 and result.escalated == 0.5
+
+
+def test_the_policy_gets_the_threshold_exactly(tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    close = [rec(s, s > 0.5, True) for s in (0.10, 0.12341, 0.12344, 0.9)]
+    (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in close))
+    (out / "metrics.json").write_text(json.dumps({"run": {"edge_model": "edge@abc/int8"}}))
+    policy = tmp_path / "router.yaml"
+    policy.write_text("policy:\n  min_confidence: 0.5\n")
+    args = ["calibrate", "--data", str(out / "items.jsonl"), "--target-escalation", "0.5"]
+    assert run([*args, "--policy", str(policy)]) == 0
+    written = load_router_settings(policy).policy.min_confidence
+    assert written == calibrate(close, "gain", Target(escalation=0.5)).threshold
+
+
 def test_needs_the_estimator_and_both_tiers():
     with pytest.raises(ValueError, match="'seq_prob' score"):
         calibrate(RECORDS, "seq_prob", Target(escalation=0.2))
@@ -116,6 +141,25 @@ def test_items_go_to_the_first_rule_that_matches():
         None: [0.4, 0.5],
         1: [0.2],
         2: [0.3],
+    }
+
+
+def test_a_pii_rule_takes_the_items_whose_question_it_finds_pii_in():
+    # As the router does: a PII rule that finds nothing is passed over.
+    rules = [
+        RuleSettings(name="private", pii=True, route="edge_only"),
+        RuleSettings(name="math", tags=["arithmetic"], min_confidence=0.9),
+    ]
+    records = [
+        rec(0.1, True, True) | {"question": "Mail jane.doe@example.com the answer."},  # pinned
+        rec(0.2, True, True, tags=["arithmetic"]) | {"question": "What is 2 + 2?"},
+        rec(0.3, True, True) | {"question": "What is the capital of France?"},
+        rec(0.4, True, True),  # written before items recorded their question: no PII seen
+    ]
+    groups = route_groups(records, rules)
+    assert {k: [r["confidence"]["gain"] for r in v] for k, v in groups.items()} == {
+        None: [0.3, 0.4],
+        1: [0.2],
     }
 
 
@@ -167,6 +211,21 @@ def test_missing_keys_are_inserted_and_rules_are_reached_by_index():
     assert "  estimator: combiner\n  version: v7" in new
     assert "min_confidence: 0.66\n" in new and '"0.9"' not in new
     assert "# a comment on version" in new and "# my router" in new
+
+
+def test_a_key_inserted_above_a_value_replaced_on_the_same_line():
+    # min_confidence is missing (inserted above the first key), estimator is replaced.
+    new = apply_updates(
+        f"policy:\n  {MARKER} old\n  estimator: gain\nrules: []\n",
+        [
+            ValueUpdate(("policy",), "min_confidence", "0.4", ["why"]),
+            ValueUpdate(("policy",), "estimator", "combiner"),
+        ],
+    )
+    assert new == (
+        f"policy:\n  {MARKER} why\n  min_confidence: 0.4\n  {MARKER} old\n"
+        "  estimator: combiner\nrules: []\n"
+    )
 
 
 def test_a_file_without_a_policy_section_gets_one():

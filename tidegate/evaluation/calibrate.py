@@ -10,7 +10,8 @@ accurate the routed answers are; the target picks the point:
   (A absolute, e.g. ``0.6``, or relative to cloud-only accuracy: ``0.95xcloud``).
 
 The threshold written is the midpoint between the highest escalated score and
-the lowest kept one (a margin for unseen items), rounded to 4 decimals.
+the lowest kept one (a margin for unseen items), rounded to 4 decimals where that
+keeps every item on its side; the file gets exactly the number reported.
 With rules carrying their own thresholds (``policy.rules`` matching tags or
 tenants), each rule is calibrated on the items it matches, the same way.
 """
@@ -124,10 +125,14 @@ def calibrate(records: Sequence[Mapping[str, Any]], estimator: str, target: Targ
         point = escalation_for_accuracy(curve, goal)
         reached = point is not None
         point = point or max(curve, key=lambda p: (p.accuracy, -p.escalated))
+    threshold = _between(scores, point)
+    sent, right = _route(usable, estimator, threshold)
     return Calibration(
-        threshold=_between(scores, point),
-        escalated=point.escalated,
-        accuracy=point.accuracy,
+        threshold=threshold,
+        # What the threshold written does (the router escalates score < threshold):
+        # the curve's point, except where no threshold ≤ 1 can escalate a score of 1.
+        escalated=sum(sent) / len(sent),
+        accuracy=sum(right) / len(right),
         edge_accuracy=sum(edge) / len(edge),
         cloud_accuracy=cloud_accuracy,
         items=len(usable),
@@ -149,16 +154,24 @@ class Replay:
     of_cloud_ci95: tuple[float, float] | None
 
 
-def replay(records: Sequence[Mapping[str, Any]], estimator: str, threshold: float) -> Replay:
-    """What a fixed threshold does on other items (a held-out split)."""
-    usable = _usable(records, estimator)
-    if not usable:
-        return Replay(math.nan, math.nan, 0, math.nan, math.nan, None)
+def _route(
+    usable: Sequence[Mapping[str, Any]], estimator: str, threshold: float
+) -> tuple[list[bool], list[bool]]:
+    """Per item: escalated (as the router decides: score < threshold), and routed right."""
     sent = [float(r["confidence"][estimator]) < threshold for r in usable]
     right = [
         bool(r["cloud_correct"] if s else r["edge_correct"])
         for r, s in zip(usable, sent, strict=True)
     ]
+    return sent, right
+
+
+def replay(records: Sequence[Mapping[str, Any]], estimator: str, threshold: float) -> Replay:
+    """What a fixed threshold does on other items (a held-out split)."""
+    usable = _usable(records, estimator)
+    if not usable:
+        return Replay(math.nan, math.nan, 0, math.nan, math.nan, None)
+    sent, right = _route(usable, estimator, threshold)
     cloud = [bool(r["cloud_correct"]) for r in usable]
 
     def of_cloud(idx: Sequence[int]) -> float | None:
@@ -180,30 +193,25 @@ def replay(records: Sequence[Mapping[str, Any]], estimator: str, threshold: floa
 def route_groups(
     records: Sequence[Mapping[str, Any]], rules: Sequence[Any]
 ) -> dict[int | None, list[Mapping[str, Any]]]:
-    """Items by the threshold that judges them, as the router's first-match rules do.
+    """Items by the threshold that judges them, as the router's first-match rules do
+    (its own ``match_rule``, the PII detector run on the item's question).
 
     Key ``i``: the rule at index i sets ``min_confidence`` and is the first rule the
     item matches; key ``None``: the policy's own threshold. Items whose first match
-    forces or pins a tier, or would need the PII detector, are left out (no
-    threshold judges them, or the dev set cannot say).
+    forces or pins a tier are left out (no threshold judges them). An item written
+    before ``tidegate eval`` recorded the question counts as carrying no PII.
     """
+    from router.rules import match_rule
+    from tidegate.chat import ChatMessage
+
+    index = {rule.name: i for i, rule in enumerate(rules)}
     groups: dict[int | None, list[Mapping[str, Any]]] = {None: []}
     for record in records:
-        tags = set(record.get("tags") or [])
-        tenant = record.get("tenant") or ""
-        for index, rule in enumerate(rules):
-            if rule.tenants and tenant not in rule.tenants:
-                continue
-            if rule.tags and tags.isdisjoint(rule.tags):
-                continue
-            if rule.pii or rule.route != "auto":
-                break  # not judged by a threshold (or not knowable here): left out
-            if rule.min_confidence is not None:
-                groups.setdefault(index, []).append(record)
-                break
-            # A rule that only sets a deadline decides the route: the policy threshold.
-            groups[None].append(record)
-            break
-        else:
-            groups[None].append(record)
+        question = (ChatMessage("user", record.get("question") or ""),)
+        match = match_rule(rules, record.get("tenant") or "", record.get("tags") or [], question)
+        if match.route != "auto":
+            continue  # a forced or pinned tier: no threshold judges it
+        # A rule that only sets a deadline decides the route: the policy threshold.
+        key = index[match.name] if match.min_confidence is not None else None
+        groups.setdefault(key, []).append(record)
     return groups

@@ -10,8 +10,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_node.estimators_registry import FITTED
 from tidegate.errors import ConfigError
@@ -24,6 +25,9 @@ from tidegate.evaluation.calibrate import (
     route_groups,
 )
 from tidegate.evaluation.policy_yaml import ValueUpdate, apply_updates
+
+if TYPE_CHECKING:
+    from tidegate.evaluation.fitting import EvaluatedRun
 
 
 def _is_items_file(path: Path) -> bool:
@@ -42,25 +46,49 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
     (the weights file the edge node loads) and the items are scored with it.
     """
     from tidegate.evaluation.fitting import EvaluatedRun, fit_from_items
-    from tidegate.evaluation.runner import read_items
+    from tidegate.evaluation.runner import read_items, write_outputs
 
     if not args.data.is_file():
         raise ConfigError(f"--data {args.data} does not exist")
+    evaluated: _Evaluated | None = None
     if _is_items_file(args.data):
         records, run = read_items(args.data), EvaluatedRun.of(args.data)
-        model, source = run.edge_model, run.data
-        if args.fit_combiner:
-            fitted = fit_from_items(
-                records, model, args.split, source, out=args.combiner_file,
-                cloud_model=run.cloud_model,
-            )  # fmt: skip
-            print(fitted.summary)
-            fitted.rescore(records)
-        return records, model, source
+        combiner_file = args.combiner_file
+    else:
+        evaluated = _evaluate_now(args, estimator)
+        records, run, combiner_file = evaluated.records, evaluated.run, evaluated.combiner_file
+    if args.fit_combiner:
+        fitted = fit_from_items(
+            records, run.edge_model, args.split, run.data, out=combiner_file,
+            cloud_model=run.cloud_model,
+        )  # fmt: skip
+        print(fitted.summary)
+        # Scored from the recorded features with the weights just fitted (not by
+        # running the eval again: its edge would load the weights its config names).
+        fitted.rescore(records)
+        if evaluated is not None:
+            write_outputs(evaluated.out, records, evaluated.identity)
+    if evaluated is not None:
+        print(f"evaluation of {args.data} in {evaluated.out}", file=sys.stderr)
+    return records, run.edge_model, run.data
+
+
+@dataclass(frozen=True)
+class _Evaluated:
+    records: list[dict[str, Any]]
+    run: EvaluatedRun
+    identity: dict[str, Any]  # metrics.json's "run"
+    out: Path
+    combiner_file: Path | None  # where --fit-combiner writes
+
+
+def _evaluate_now(args: argparse.Namespace, estimator: str) -> _Evaluated:
+    """``--data`` is a data file: evaluate it now."""
     from cloud_node.settings import CloudSettings
     from edge_node.settings import EdgeSettings
     from tidegate.config import load_config
-    from tidegate.evaluation.runner import EvalOptions, evaluate
+    from tidegate.evaluation.fitting import EvaluatedRun
+    from tidegate.evaluation.runner import EvalOptions, evaluate, read_items
 
     out = args.out or Path(tempfile.mkdtemp(prefix="tidegate-calibrate-"))
     options = EvalOptions(
@@ -70,19 +98,16 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
         edge=load_config(EdgeSettings, args.edge_config, env_prefix="TIDEGATE_EDGE"),
         cloud=load_config(CloudSettings, args.cloud_config, env_prefix="TIDEGATE_CLOUD"),
     )
+    identity = asyncio.run(evaluate(options))["run"]
     items = out / "items.jsonl"
-    run = EvaluatedRun.from_run(asyncio.run(evaluate(options))["run"], items)
-    if args.fit_combiner:
-        configured = options.edge.estimator_options.combiner_file
-        path = args.combiner_file or (Path(configured) if configured else None)
-        fitted = fit_from_items(
-            read_items(items), run.edge_model, args.split, run.data, out=path,
-            cloud_model=run.cloud_model,
-        )  # fmt: skip
-        print(fitted.summary)
-        asyncio.run(evaluate(options))  # cached outputs, now scored by the fitted estimators
-    print(f"evaluation of {args.data} in {out}", file=sys.stderr)
-    return read_items(items), run.edge_model, run.data
+    configured = options.edge.estimator_options.combiner_file
+    return _Evaluated(
+        records=read_items(items),
+        run=EvaluatedRun.from_run(identity, items),
+        identity=identity,
+        out=out,
+        combiner_file=args.combiner_file or (Path(configured) if configured else None),
+    )
 
 
 def _pct(x: float) -> str:
@@ -195,7 +220,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(_report(name, result, held))
         comment = _provenance(estimator, model, source, args.split, target, result, held)
         path: tuple[str | int, ...] = ("policy",) if key is None else ("rules", key)
-        updates.append(ValueUpdate(path, "min_confidence", f"{result.threshold:.4g}", comment))
+        updates.append(ValueUpdate(path, "min_confidence", repr(result.threshold), comment))
     if args.pin_estimator:
         updates.append(ValueUpdate(("policy",), "estimator", estimator))
     text = args.policy.read_text(encoding="utf-8")

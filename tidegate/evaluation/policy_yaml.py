@@ -90,8 +90,11 @@ def apply_updates(text: str, updates: Sequence[ValueUpdate]) -> str:
                 raise ValueError(f"{'.'.join(map(str, update.path))!r} is an empty mapping")
             line, _ = node.lc.key(first)
         edits.append((line, update, node))
-    # Bottom-up, so earlier line numbers stay valid.
-    for _, update, node in sorted(edits, key=lambda e: e[0], reverse=True):
+    # Bottom-up, so earlier line numbers stay valid; on one line, the value replaced in
+    # place before a new key is inserted above it (which moves that line down).
+    in_place = {id(update): update.key in node for _, update, node in edits}
+    bottom_up = sorted(edits, key=lambda e: (e[0], in_place[id(e[1])]), reverse=True)
+    for _, update, node in bottom_up:
         if update.key in node:
             key_line, _ = node.lc.key(update.key)
             value_line, col = node.lc.value(update.key)
@@ -110,6 +113,8 @@ def apply_updates(text: str, updates: Sequence[ValueUpdate]) -> str:
         else:
             first = next(iter(node))
             key_line, col = node.lc.key(first)
+            while key_line > 0 and lines[key_line - 1].strip().startswith(MARKER):
+                key_line -= 1  # above the first key's own provenance block, not inside it
             lines.insert(key_line, f"{' ' * col}{update.key}: {update.value}\n")
         if update.comment:
             indent = re.match(r"\s*", lines[key_line]).group(0)  # type: ignore[union-attr]

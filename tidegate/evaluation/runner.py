@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,7 @@ async def _score_item(
         "split": item.split,
         "tags": list(item.all_tags),
         "tenant": item.tenant,
+        "question": item.question,  # what tidegate calibrate runs the router's PII rules on
         "edge_text": None,
         "edge_correct": None,
         "confidence": {},
@@ -252,15 +253,22 @@ async def evaluate(
     cloud_backend: ModelBackend | None = None,
 ) -> dict[str, Any]:
     """The whole ``tidegate eval``: run, then write items.jsonl, metrics.json, curve.png."""
+    items = load_items(options.data, options.split, options.limit, options.sample)
+    records, identity = await run_items(options, items, edge_backend, cloud_backend)
+    return write_outputs(options.out, records, identity)
+
+
+def write_outputs(
+    out: Path, records: Sequence[dict[str, Any]], identity: Mapping[str, Any]
+) -> dict[str, Any]:
+    """items.jsonl, metrics.json and curve.png in ``out``; returns the metrics."""
     from tidegate.evaluation.plot import plot_curves
     from tidegate.evaluation.report import build_metrics
 
-    items = load_items(options.data, options.split, options.limit, options.sample)
-    records, identity = await run_items(options, items, edge_backend, cloud_backend)
-    options.out.mkdir(parents=True, exist_ok=True)
-    write_items(options.out / "items.jsonl", records)
+    out.mkdir(parents=True, exist_ok=True)
+    write_items(out / "items.jsonl", records)
     metrics = build_metrics(records, identity)
-    (options.out / "metrics.json").write_text(json.dumps(rounded(metrics), indent=1) + "\n")
+    (out / "metrics.json").write_text(json.dumps(rounded(metrics), indent=1) + "\n")
     if metrics.get("routing"):
-        plot_curves(metrics, options.out / "curve.png")
+        plot_curves(metrics, out / "curve.png")
     return metrics
