@@ -68,7 +68,7 @@ class CacheGate:
         entry = await self._get(plan.key)
         semantic = False
         if entry is None and self.semantic is not None:
-            key = await self.semantic.find(plan)
+            key = await self._find_similar(plan)
             entry = await self._get(key) if key is not None else None
             semantic = entry is not None
         if (
@@ -126,7 +126,10 @@ class CacheGate:
             log.warning("cache store failed: %s", exc)
             return
         if self.semantic is not None:
-            await self.semantic.add(plan)
+            try:
+                await self.semantic.add(plan)
+            except Exception as exc:  # noqa: BLE001 - the answer is stored; only indexing failed
+                log.warning("semantic cache indexing failed: %s", exc)
 
     async def close(self) -> None:
         if self.semantic is not None:
@@ -147,6 +150,16 @@ class CacheGate:
             return await self.cache.get(key)
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation
             log.warning("cache lookup failed, answering without it: %s", exc)
+            return None
+
+    async def _find_similar(self, plan: Plan) -> str | None:
+        """The semantic index's match for the plan; like the exact cache, a
+        failure (the embedding thread, the model) is a miss, not an error."""
+        assert self.semantic is not None
+        try:
+            return await self.semantic.find(plan)
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation
+            log.warning("semantic cache lookup failed, answering without it: %s", exc)
             return None
 
     async def _entry_is_current(self, entry: CacheEntry) -> bool:

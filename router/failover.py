@@ -6,7 +6,9 @@ first, clouds in config order); only then does it ask a node again, after a
 backoff that doubles each round (with jitter, so replicas do not retry in
 step). A node that timed out is not asked again for the same request (it would
 most likely time out again), and a node whose circuit breaker is open is not
-asked at all. A node refusing the request (``NodeRejected``) ends the tier at
+asked at all; nor again is one that turned out to be cooling down (a half-open
+trial call in flight), so the request fails over at once instead of waiting
+out the trial. A node refusing the request (``NodeRejected``) ends the tier at
 once: the request, not the node, is the problem.
 
 There is no fallback loop by construction: the pipeline asks the edge tier at
@@ -33,6 +35,9 @@ from tidegate.errors import DeadlineExceeded, Unavailable
 T = TypeVar("T")
 
 DEADLINE_SLACK_S = 0.005  # timers fire a hair early: this close to it, the deadline has passed
+# Doublings of the backoff past which it is at backoff_max_s anyway (any initial
+# wait above 1e-18 s); capping the exponent keeps 2**n from overflowing a float.
+MAX_BACKOFF_DOUBLINGS = 64
 
 
 def describe_failures(failures: Sequence[NodeUnavailable]) -> list[str]:
@@ -67,7 +72,8 @@ class TierUnavailable(Unavailable):
 def backoff_s(retry: RetrySettings, round_index: int, rng: Callable[[], float]) -> float:
     """Round 0 waits ~initial, each later round twice as long, up to the max;
     "equal jitter": between half and all of that."""
-    base = min(retry.backoff_max_s, retry.backoff_initial_s * (2**round_index))
+    doubled = retry.backoff_initial_s * 2.0 ** min(round_index, MAX_BACKOFF_DOUBLINGS)
+    base = min(retry.backoff_max_s, doubled)
     return base * (0.5 + 0.5 * rng())
 
 
@@ -91,14 +97,14 @@ async def ask_tier(
     cooling = [n for n in nodes if n.breaker.cooldown_remaining() > 0]  # not asked at all
     order = [n for n in nodes if n not in cooling]
     queue = list(order)
-    timed_out: set[int] = set()
+    skipped: set[int] = set()  # not asked again for this request: timed out, or cooling down
     made = 0
     rounds = 0
     note = ""
     while made < attempts:
         if not queue:
             queue = [
-                n for n in order if id(n) not in timed_out and n.breaker.cooldown_remaining() == 0
+                n for n in order if id(n) not in skipped and n.breaker.cooldown_remaining() == 0
             ]
             if not queue:
                 break
@@ -116,13 +122,17 @@ async def ask_tier(
             break
         try:
             return await call(node, deadline)
-        except NodeCoolingDown as exc:  # a half-open trial is already in flight
+        except NodeCoolingDown as exc:
+            # Not an attempt (the node was not contacted), but not worth asking
+            # again either: its half-open trial may take up to a cooldown.
+            # Asking it every round would spin on it instead of failing over.
             failures.append(exc)
+            skipped.add(id(node))
         except NodeUnavailable as exc:
             made += 1
             failures.append(exc)
             if exc.timed_out:
-                timed_out.add(id(node))
+                skipped.add(id(node))
     failures += [_cooling_failure(n) for n in cooling]
     if deadline is not None and loop.time() >= deadline - DEADLINE_SLACK_S:
         # The request ran out of time (its last attempt was cut at the deadline):

@@ -4,7 +4,10 @@ when the file's contents change.
 A reload reads and validates the whole file exactly like startup (YAML, the
 settings classes, env overrides). An invalid file is rejected with one error
 log line naming the bad fields, the running policy stays, and Status reports
-the error (``last_reload_error``) until a later reload succeeds.
+the error (``last_reload_error``) until a later reload succeeds. An empty file
+is rejected too (with a warning), although startup reads it as all defaults:
+editors truncate a file before writing it, and a reload caught in between
+must not drop every tenant, budget and rule (which switches auth off).
 
 A valid file replaces the parts that can change under running requests —
 ``policy``, ``rules``, ``tenants`` (keys), ``budgets`` (limits; usage so far is
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from router.settings import RouterSettings, load_router_settings
+from tidegate.config import EmptyConfigError
 from tidegate.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -81,18 +85,14 @@ class Reloader:
         running = self.pipeline.settings
         self._digest = _digest(self.path)
         try:
-            new = load_router_settings(self.path)
+            new = load_router_settings(self.path, allow_empty=False)
+        except EmptyConfigError as exc:
+            # Most likely a save in progress (the watch sees the written file
+            # next): a warning, not an error.
+            self._reject(trigger, str(exc), logging.WARNING)
+            return False
         except ConfigError as exc:
-            self.rejected += 1
-            one_line = " ".join(str(exc).split())
-            self.pipeline.last_reload_error = f"{trigger}: {one_line}"
-            log.error(
-                "config reload (%s) rejected, keeping policy %s: %s",
-                trigger,
-                running.policy.version,
-                one_line,
-                extra={"event": "reload_rejected"},
-            )
+            self._reject(trigger, str(exc), logging.ERROR)
             return False
         applied, ignored = merge_reloadable(running, new)
         self.pipeline.apply(applied)
@@ -114,10 +114,35 @@ class Reloader:
             )
         return True
 
+    def _reject(self, trigger: str, reason: str, level: int, exc_info: bool = False) -> None:
+        self.rejected += 1
+        one_line = " ".join(reason.split())
+        self.pipeline.last_reload_error = f"{trigger}: {one_line}"
+        log.log(
+            level,
+            "config reload (%s) rejected, keeping policy %s: %s",
+            trigger,
+            self.pipeline.settings.policy.version,
+            one_line,
+            exc_info=exc_info,
+            extra={"event": "reload_rejected"},
+        )
+
+    def _reload_from_trigger(self, trigger: str) -> None:
+        """``reload`` for SIGHUP and the watch: anything it raises beyond a
+        ConfigError (a bug, an unexpected OS error) is logged and the running
+        config kept. Raised inside the watch task it would end the watch for good."""
+        try:
+            self.reload(trigger)
+        except Exception as exc:  # noqa: BLE001 - keep serving and watching
+            self._reject(trigger, f"{type(exc).__name__}: {exc}", logging.ERROR, exc_info=True)
+
     def install_sighup(self) -> bool:
         """Reload on SIGHUP (main thread, Unix); False where that is impossible."""
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, self._reload_from_trigger, "SIGHUP"
+            )
         except (NotImplementedError, RuntimeError, AttributeError, ValueError):
             return False
         return True
@@ -136,7 +161,7 @@ class Reloader:
             await asyncio.sleep(poll_s)
             digest = _digest(self.path)
             if digest is not None and digest != self._digest:
-                self.reload("file change")
+                self._reload_from_trigger("file change")
 
     async def stop(self) -> None:
         if self._watch is not None:

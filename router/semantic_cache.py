@@ -215,6 +215,10 @@ class SemanticIndex:
             if similarity < self.settings.min_similarity:
                 break
             candidate = candidates[index]
+            if candidate.key not in self._entries:
+                # Dropped while the question was being embedded (evicted by an
+                # add, or expired by another lookup): its answer may be gone too.
+                continue
             refusal = guard_refusal(candidate.features, asked)
             if refusal is not None:
                 self.refused[refusal] += 1

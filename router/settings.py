@@ -431,7 +431,40 @@ class RouterSettings(StrictModel):
             raise ValueError("an API key hash appears under more than one tenant (or twice)")
         return self
 
+    @model_validator(mode="after")
+    def _known_tenants(self) -> RouterSettings:
+        """With ``tenants`` configured, every request's tenant is one of them (it
+        comes from the key), so a budget or rule naming another tenant (a typo)
+        would silently never apply."""
+        if not self.tenants:
+            return self  # no auth: the tenant is whatever a request names
+        known = {t.name for t in self.tenants}
+        unknown = [
+            f"budgets.tenants.{i}.tenant: unknown tenant {b.tenant!r}"
+            for i, b in enumerate(self.budgets.tenants)
+            if b.tenant not in known
+        ]
+        unknown += [
+            f"rules.{i}.tenants.{j}: unknown tenant {name!r}"
+            for i, rule in enumerate(self.rules)
+            for j, name in enumerate(rule.tenants)
+            if name not in known
+        ]
+        if unknown:
+            # Field paths as load_config prints pydantic's own (``edge.0.address``).
+            names = sorted(known)
+            listed = ", ".join(names[:20])
+            if len(names) > 20:
+                listed += f", … ({len(names)} in all)"
+            raise ValueError(f"{'; '.join(unknown)}; configured tenants: {listed}")
+        return self
 
-def load_router_settings(path: str | Path | None = None) -> RouterSettings:
-    """Read a router YAML file (None: all defaults) with env overrides applied."""
-    return load_config(RouterSettings, path, env_prefix=ENV_PREFIX)
+
+def load_router_settings(
+    path: str | Path | None = None, *, allow_empty: bool = True
+) -> RouterSettings:
+    """Read a router YAML file (None: all defaults) with env overrides applied.
+
+    ``allow_empty=False``: an empty file raises EmptyConfigError instead of
+    meaning all defaults (``router.reload``)."""
+    return load_config(RouterSettings, path, env_prefix=ENV_PREFIX, allow_empty=allow_empty)

@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tidegate.errors import ConfigError
 
 
+class EmptyConfigError(ConfigError):
+    """The config file holds no document (empty, or only blanks and comments)."""
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
@@ -113,10 +117,13 @@ def load_config(
     *,
     env_prefix: str | None = None,
     environ: Mapping[str, str] | None = None,
+    allow_empty: bool = True,
 ) -> M:
     """Read ``path`` (or nothing: all defaults), apply env overrides, validate.
 
-    Raises ConfigError whose message names the file and every bad field.
+    An empty file means all defaults, unless ``allow_empty`` is False: then it
+    raises EmptyConfigError. Raises ConfigError whose message names the file
+    and every bad field (or why the file could not be read).
     """
     data: dict[str, Any] = {}
     source = "defaults"
@@ -126,9 +133,17 @@ def load_config(
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist") from exc
+        except OSError as exc:  # no permission, a directory, an I/O error
+            raise ConfigError(f"config file {path} cannot be read: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid UTF-8: {exc}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if loaded is None:
+            if not allow_empty:
+                raise EmptyConfigError(
+                    f"config file {path} is empty (no settings, only blanks or comments)"
+                )
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")

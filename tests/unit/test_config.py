@@ -3,7 +3,13 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from tidegate.config import ModelSettings, StrictModel, env_overrides, load_config
+from tidegate.config import (
+    EmptyConfigError,
+    ModelSettings,
+    StrictModel,
+    env_overrides,
+    load_config,
+)
 from tidegate.errors import ConfigError
 
 
@@ -43,6 +49,19 @@ def test_missing_file_and_broken_yaml_are_explained(tmp_path: Path) -> None:
         load_config(Demo, write(tmp_path, "a: [1,\n"))
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(Demo, write(tmp_path, "- 1\n"))
+
+
+def test_unreadable_and_empty_files_are_explained(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="is not valid UTF-8"):
+        load_config(Demo, bad)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(Demo, tmp_path)  # a directory: an OSError, as without permission
+    empty = write(tmp_path, "# nothing yet\n")
+    assert load_config(Demo, empty) == Demo()  # at startup: all defaults
+    with pytest.raises(EmptyConfigError, match=f"config file {empty} is empty"):
+        load_config(Demo, empty, allow_empty=False)
 
 
 def test_environment_overrides_win_over_the_file(tmp_path: Path) -> None:

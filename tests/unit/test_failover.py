@@ -14,10 +14,11 @@ import asyncio
 import grpc
 import pytest
 
+from router.breaker import CircuitBreaker
 from router.failover import TierUnavailable, ask_tier, backoff_s, edge_deadline
 from router.guard_settings import BreakerSettings, RetrySettings
 from router.latency import LatencyEstimate
-from router.nodes import NodeClient, NodeRejected, NodeUnavailable
+from router.nodes import NodeClient, NodeCoolingDown, NodeRejected, NodeUnavailable
 from tidegate.errors import DeadlineExceeded
 
 RETRY = RetrySettings(edge_attempts=3, cloud_attempts=3, backoff_initial_s=0.0, backoff_max_s=0.0)
@@ -32,6 +33,8 @@ def scripted(outcomes: dict[str, list[str]], log: list[str]):
 
     async def call(n: NodeClient, deadline: float | None) -> str:
         log.append(n.name)
+        if not n.breaker.allow():  # as NodeClient checks before contacting the node
+            raise NodeCoolingDown(n, "cooling down: a trial call is in flight")
         outcome = outcomes[n.name].pop(0)
         if outcome == "down":
             raise NodeUnavailable(n, "UNAVAILABLE: down", grpc.StatusCode.UNAVAILABLE)
@@ -87,6 +90,29 @@ async def test_open_breakers_are_not_asked_and_are_named() -> None:
     assert log == ["b", "b", "b"]
 
 
+async def test_a_node_with_a_trial_call_in_flight_is_skipped_for_the_request() -> None:
+    """Half-open, with another request's trial call in flight, the node answers
+    NodeCoolingDown: no attempt, but asking it again every round would spin
+    until the trial ends (up to a cooldown) instead of failing over."""
+    now = [0.0]
+    breaker = CircuitBreaker(BreakerSettings(failure_threshold=1, cooldown_s=60), lambda: now[0])
+    a, b = NodeClient("a", "a:1", "cloud", 5.0, breaker=breaker), node("b")
+    breaker.record_failure("UNAVAILABLE: refused")
+    now[0] = 61.0  # the cooldown is over ...
+    assert breaker.allow()  # ... and another request's trial call is in flight
+    log: list[str] = []
+    call = scripted({"a": [], "b": ["down", "ok"]}, log)
+    ask = ask_tier("cloud", [a, b], call, attempts=3, retry=RETRY, deadline=None)
+    assert await asyncio.wait_for(ask, 5) == "answer from b"
+    assert log == ["a", "b", "b"]  # b is retried; a is not asked again
+    log.clear()
+    with pytest.raises(TierUnavailable, match="cloud node a at a:1 is unavailable: cooling down"):
+        await asyncio.wait_for(
+            ask_tier("cloud", [a], call, attempts=3, retry=RETRY, deadline=None), 5
+        )
+    assert log == ["a"]  # at once, not after 1024 rounds of backoff
+
+
 async def test_a_passed_deadline_is_deadline_exceeded() -> None:
     loop = asyncio.get_running_loop()
     log: list[str] = []
@@ -102,6 +128,12 @@ def test_backoff_doubles_with_jitter_up_to_the_max() -> None:
     retry = RetrySettings(backoff_initial_s=0.1, backoff_max_s=0.3)
     assert [backoff_s(retry, i, lambda: 1.0) for i in range(4)] == [0.1, 0.2, 0.3, 0.3]
     assert backoff_s(retry, 1, lambda: 0.0) == pytest.approx(0.1)  # half of 0.2
+
+
+def test_backoff_never_overflows() -> None:
+    assert backoff_s(RetrySettings(), 10_000, lambda: 1.0) == RetrySettings().backoff_max_s
+    no_wait = RetrySettings(backoff_initial_s=10.0, backoff_max_s=0.0)
+    assert backoff_s(no_wait, 1024, lambda: 1.0) == 0.0  # 2**1024 overflowed a float
 
 
 def test_edge_deadline_leaves_the_cloud_its_time_or_skips_the_edge() -> None:

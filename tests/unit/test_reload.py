@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
 
+import pytest
 import yaml
 
 from router.reload import RELOADABLE, Reloader, merge_reloadable
@@ -56,3 +60,104 @@ async def test_reloader_applies_to_the_pipeline_and_rejects_bad_files(tmp_path, 
         assert (reloader.reloads, reloader.rejected) == (1, 1)
     finally:
         await servicer.close()
+
+
+TENANTED = {
+    "policy": {"version": "keyed"},
+    "tenants": [{"name": "acme", "api_key_hashes": ["sha256:" + "0" * 64]}],
+    "rules": [{"name": "acme-cloud", "tenants": ["acme"], "route": "cloud"}],
+}
+
+
+async def test_an_empty_file_is_refused_and_the_running_tenants_stay(tmp_path, caplog) -> None:
+    """Editors truncate before writing: a reload caught in between must not run
+    on all defaults (no tenants: auth off, no rules)."""
+    path = tmp_path / "router.yaml"
+    servicer = build_router(settings(**TENANTED))
+    try:
+        pipeline = servicer.pipeline
+        reloader = Reloader(path, pipeline)
+        for text in ("", "\n", "# only a comment\n"):
+            path.write_text(text)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="router.reload"):
+                assert not reloader.reload("test")
+            assert [r.levelno for r in caplog.records] == [logging.WARNING]
+            assert f"config file {path} is empty" in caplog.text
+            assert [t.name for t in pipeline.settings.tenants] == ["acme"]
+            assert [r.name for r in pipeline.settings.rules] == ["acme-cloud"]
+            assert pipeline.version == "keyed" and "is empty" in pipeline.last_reload_error
+        assert (reloader.reloads, reloader.rejected) == (0, 3)
+        path.write_text("{}\n")  # an explicit empty mapping still means all defaults
+        assert reloader.reload("test") and pipeline.settings.tenants == []
+    finally:
+        await servicer.close()
+
+
+async def test_an_unreadable_file_is_rejected_not_raised(tmp_path) -> None:
+    path = tmp_path / "router.yaml"
+    servicer = build_router(settings(**TENANTED))
+    try:
+        reloader = Reloader(path, servicer.pipeline)
+        path.write_bytes(b"policy:\n  version: \xff\xfe\n")
+        assert not reloader.reload("test")
+        assert "is not valid UTF-8" in servicer.pipeline.last_reload_error
+        path.unlink()
+        path.mkdir()  # reading fails with an OSError, as without permission (we run as root)
+        assert not reloader.reload("test")
+        assert "cannot be read" in servicer.pipeline.last_reload_error
+        assert servicer.pipeline.version == "keyed" and reloader.rejected == 2
+    finally:
+        await servicer.close()
+
+
+async def test_the_watch_survives_a_bad_file_and_applies_the_next_good_one(tmp_path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(TENANTED))
+    servicer = build_router(settings(**TENANTED))
+    reloader = Reloader(path, servicer.pipeline)
+    reloader.start_watch(0.02)
+    try:
+        pipeline = servicer.pipeline
+        path.write_bytes(b"policy:\n  version: \xff\n")  # not UTF-8
+        await until(lambda: reloader.rejected == 1)
+        # PyYAML raises RecursionError (no ConfigError) on deep nesting: whatever
+        # a reload raises, the watch logs it and goes on.
+        path.write_text("rules: " + "[" * 3000 + "]" * 3000 + "\n")
+        await until(lambda: reloader.rejected == 2)
+        assert "RecursionError" in pipeline.last_reload_error
+        path.write_text("")  # a save in progress
+        await until(lambda: reloader.rejected == 3)
+        assert pipeline.version == "keyed" and pipeline.settings.tenants
+        path.write_text(yaml.safe_dump({**TENANTED, "policy": {"version": "next"}}))
+        await until(lambda: pipeline.version == "next")
+        assert reloader._watch is not None and not reloader._watch.done()
+    finally:
+        await reloader.stop()
+        await servicer.close()
+
+
+async def test_sighup_reloads_and_survives_a_bad_file(tmp_path) -> None:
+    path = tmp_path / "router.yaml"
+    servicer = build_router(settings(**TENANTED))
+    reloader = Reloader(path, servicer.pipeline)
+    if not reloader.install_sighup():
+        pytest.skip("no SIGHUP handler here (not the main thread, or not Unix)")
+    try:
+        path.write_text("rules: " + "[" * 3000 + "]" * 3000 + "\n")  # RecursionError
+        os.kill(os.getpid(), signal.SIGHUP)
+        await until(lambda: reloader.rejected == 1)
+        path.write_text(yaml.safe_dump({**TENANTED, "policy": {"version": "hup"}}))
+        os.kill(os.getpid(), signal.SIGHUP)
+        await until(lambda: servicer.pipeline.version == "hup")
+    finally:
+        reloader.remove_sighup()
+        await servicer.close()
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < give_up, "timed out"
+        await asyncio.sleep(0.01)

@@ -123,6 +123,28 @@ def test_node_names_must_be_unique(tmp_path):
     assert "unique" in message and "a" in message
 
 
+def test_budgets_and_rules_must_name_configured_tenants(tmp_path):
+    """With tenants (auth on) a request's tenant is always one of them: a budget
+    or rule naming another (a typo) would silently never apply."""
+    tenants = [
+        {"name": "acme", "api_key_hashes": ["sha256:" + "1" * 64]},
+        {"name": "globex", "api_key_hashes": ["sha256:" + "2" * 64]},
+    ]
+    budgets = {"tenants": [{"tenant": "acme"}, {"tenant": "acmee", "requests_per_second": 1}]}
+    rules = [{"name": "fast", "tenants": ["globex", "initech"], "deadline_s": 1.0}]
+    message = error_for(tmp_path, {"tenants": tenants, "budgets": budgets, "rules": rules})
+    assert "budgets.tenants.1.tenant: unknown tenant 'acmee'" in message
+    assert "rules.0.tenants.1: unknown tenant 'initech'" in message
+    assert "configured tenants: acme, globex" in message
+    fixed = {"tenants": [{"tenant": "acme"}, {"tenant": "globex", "requests_per_second": 1}]}
+    load(
+        tmp_path,
+        {"tenants": tenants, "budgets": fixed, "rules": [{**rules[0], "tenants": ["globex"]}]},
+    )
+    # Without tenants (no auth) a request names its own tenant: any name is fine.
+    load(tmp_path, {"budgets": budgets, "rules": rules})
+
+
 def test_env_overrides_apply_over_the_file(tmp_path):
     s = load(
         tmp_path,

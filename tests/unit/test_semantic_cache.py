@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from router.cache import EmbeddedCache
+from router.cache_gate import CacheGate
+from router.domain import NodeAnswer, RouteRequest, Tier
+from router.plan import Plan, make_plan
+from router.policy import Decision
+from router.provenance import Stopwatch, cloud_result
 from router.semantic_cache import Embedder, SemanticIndex, model_folder, semantic_scope
 from router.semantic_guards import features, guard_refusal
-from router.settings import SemanticCacheSettings
-from tidegate.chat import ChatMessage, SamplingParams
+from router.settings import RouterSettings, SemanticCacheSettings
+from tidegate.chat import ChatMessage, FinishReason, SamplingParams
 from tidegate.errors import ConfigError
 
 PAIRS = json.loads((Path(__file__).parents[1] / "data" / "semantic_pairs.json").read_text())
@@ -165,6 +173,53 @@ async def test_load_reads_the_packaged_model_offline():
     semantic = await SemanticIndex.load(SemanticCacheSettings(enabled=True), 60)
     assert semantic.embedder.embed(["hello"]).shape == (1, 384)
     await semantic.close()
+
+
+async def test_a_candidate_dropped_while_the_question_is_embedded_is_skipped(embedder):
+    """match() awaits the embedding thread; meanwhile an add may evict (or another
+    lookup expire) the candidate it is about to return."""
+    semantic = index(embedder, max_entries=1)
+    await semantic.add_question("k0", SCOPE, "Who wrote Hamlet?")  # its vector is memoised
+    await semantic.add_question("k1", SCOPE, "What is the capital of France?")  # evicts k0
+    lookup = asyncio.create_task(semantic.match(SCOPE, "What's the capital of France?"))
+    await asyncio.sleep(0)  # the lookup holds k1 as a candidate, waiting on its embedding
+    await semantic.add_question("k2", SCOPE, "Who wrote Hamlet?")  # no wait: evicts k1 now
+    assert await lookup is None
+    assert (await semantic.match(SCOPE, "Who wrote Hamlet, please?")).key == "k2"
+    await semantic.close()
+
+
+def cache_plan(question: str) -> Plan:
+    request = RouteRequest(messages=(ChatMessage("user", question),), tenant="t")
+    return make_plan(request, RouterSettings())
+
+
+async def test_a_failing_semantic_index_is_a_miss_like_a_failing_cache(embedder, caplog):
+    """The cache gate answers without the semantic index when it fails (here its
+    embedding thread is gone), as it does when the exact cache fails."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix="tidegate-embed")
+    gate = CacheGate(EmbeddedCache(100), [], [])
+    gate.semantic = SemanticIndex(
+        SemanticCacheSettings(enabled=True),
+        60,
+        embedder,  # type: ignore[arg-type]
+        executor,
+    )
+    stored = cache_plan("What is the capital of France?")
+    await gate.semantic.add(stored)
+    executor.shutdown()  # every later embedding raises RuntimeError
+    with caplog.at_level(logging.WARNING, logger="router.cache_gate"):
+        paraphrase = cache_plan("What's the capital of France?")
+        assert await gate.lookup(paraphrase, Stopwatch.start(), "v1") is None
+        answer = NodeAnswer("Paris.", FinishReason.STOP, 8, 2, "cloud-model", "cloud")
+        result = cloud_result(
+            paraphrase, None, answer, Decision(Tier.CLOUD), Stopwatch.start(), "v1"
+        )
+        await gate.admit(paraphrase, result, RouterSettings())
+    assert "semantic cache lookup failed, answering without it" in caplog.text
+    assert "semantic cache indexing failed" in caplog.text
+    assert (await gate.cache.get(paraphrase.key)).text == "Paris."  # the exact entry is stored
+    await gate.close()
 
 
 def test_unknown_model_fails_naming_the_field(tmp_path):
