@@ -181,6 +181,10 @@ class Draw:
 
 DEV = Draw()
 
+# Categories that ask one fact in both directions (an element's symbol from its name,
+# its name from its symbol): the fitting set leaves out what either asks.
+ONE_FACT_BOTH_WAYS = (("element_symbol", "element_name"),)
+
 
 # ---------------------------------------------------------------- countries
 
@@ -750,13 +754,19 @@ def build_fitset(wheels: Path | None = None, devset: list[dict] | None = None) -
     inputs without overfitting, and its ``test`` split must stay unseen. These
     items come from the same sources and generators, three times as many per
     category (capped by what is left), and share no fact and no question with
-    the development set: its countries, elements and MMLU rows are left out,
-    and a generated question it already asks is dropped.
+    the development set: the countries, elements and MMLU rows it asks about in
+    a category are left out of that category (of both, for the two that ask one
+    fact both ways), and a generated question it already asks is dropped. The
+    same country may be asked its capital in one set and its currency in the other.
     """
     devset = build(wheels) if devset is None else devset
     taken: dict[str, set[str]] = defaultdict(set)
     for rec in devset:
         taken[rec["category"]].add(rec["id"].rsplit("-", 1)[1])
+    for pair in ONE_FACT_BOTH_WAYS:
+        both = set().union(*(taken[category] for category in pair))
+        for category in pair:
+            taken[category] = both
     draw = Draw("fit", 3, {k: frozenset(v) for k, v in taken.items()})
     asked = {rec["question"] for rec in devset}
     items = [rec for rec in draw_items(wheels, draw) if rec["question"] not in asked]

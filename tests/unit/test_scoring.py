@@ -133,3 +133,49 @@ def test_multiple_choice_correctness():
     assert is_correct(mmlu, "The answer is 2.")
     assert not is_correct(mmlu, "A. 1")
     assert not is_correct(mmlu, "B or C")
+
+
+def test_numeric_echoes_of_the_question_answer_nothing():
+    q = "Which is larger, 40 or 19? Answer with just the number."
+    assert not is_correct(item(q, "40"), "40 or 19")  # the question's pair, copied
+    assert not is_correct(item(q, "40"), "Which is larger, 40 or 19? The answer is 19")
+    assert is_correct(item(q, "19"), "Which is larger, 40 or 19? The answer is 19")
+    assert is_correct(item(q, "40"), "Which is larger? 40")
+    assert not is_correct(item(ARITH, "13"), "13 or maybe 12")  # a hedge with a filler
+
+
+def test_an_answer_the_question_names_must_be_said_again():
+    monaco = item("What is the capital of Monaco? Answer with just the city name.", "Monaco")
+    assert not is_correct(monaco, "I don't know Monaco's capital.")
+    assert is_correct(monaco, "The capital of Monaco is Monaco.")
+    assert is_correct(monaco, "Monaco.")
+    australia = item("On which continent is Australia?", "Oceania", "Australia")
+    assert not is_correct(australia, "Australia is a continent in the Southern Hemisphere.")
+    assert is_correct(australia, "Australia is in Oceania.")
+    # Part of a longer name in the question: a bare mention is the answer.
+    africa = item(
+        "On which continent is South Africa? Answer with just the continent name.", "Africa"
+    )
+    assert is_correct(africa, "It is in Africa.")
+    assert not is_correct(africa, "South Africa is at the southern tip of the continent.")
+
+
+def test_lists_of_candidates_in_bullets_or_a_pair():
+    canberra = item("What is the capital of Australia?", "Canberra")
+    assert not is_correct(canberra, "- Sydney\n- Melbourne\n- Canberra")
+    assert not is_correct(canberra, "1. Sydney\n2. Canberra")
+    assert not is_correct(canberra, "Sydney and Canberra")
+    assert is_correct(canberra, "Canberra, Australia")  # the city and where it is
+    assert is_correct(canberra, "- Canberra")
+
+
+def test_capitalised_words_match_in_any_case_symbols_and_codes_do_not():
+    assert is_correct(item("Which element has the symbol Sn?", "Tin"), "The element is tin.")
+    assert is_correct(item("What is the currency of Japan?", "Yen", "JPY"), "the yen")
+    albania = item("What is the currency code of Albania?", "ALL")
+    assert not is_correct(albania, "It is used by all Albanians.")
+
+
+def test_a_letter_that_a_verb_follows_is_the_choice():
+    assert choose_option("A is correct.", MMLU) == "A"
+    assert choose_option("A valid argument is B", MMLU) == "B"

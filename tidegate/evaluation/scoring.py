@@ -11,25 +11,32 @@ the articles *a*, *an*, *the* dropped, number words → digits (``twenty-one`` �
 ``21``, ``eight`` → ``8``), whitespace collapsed.
 
 1. **Multiple choice** (the item has ``choices``): the first option letter that
-   stands alone (``B``, ``B.``, ``(B)``, ``Answer: B``; not the article in ``A
-   valid argument``) is the choice. Without a
+   stands alone (``B``, ``B.``, ``(B)``, ``Answer: B``, ``A is correct``; not the
+   article in ``A valid argument``) is the choice. Without a
    letter, the reply must contain exactly one option's text (longest wins when
    one option's text contains another's). A letter followed by ``or``/``/``/``,``
    and another letter (``A or C``) is a hedge: wrong.
-2. **Numeric** (every accepted answer is a number): the numbers of the reply,
-   minus those that merely restate the question (``What is 4 + 9?`` → ``The
-   sum of 4 and 9 is 13``); the first one left is the answer (when every number
-   restates the question, the first number: ``76 is larger than 51``). After an
-   ``=`` sign, the first number after the last ``=``. Compared as numbers
-   (``7.10`` = ``7.1``). Two different answers joined by ``or`` → a hedge.
+2. **Numeric** (every accepted answer is a number): the numbers of the reply
+   once what it copies from the question is dropped (runs of two or more words,
+   sentence by sentence: ``Which is larger, 40 or 19? The answer is 19`` → 19;
+   a bare echo ``40 or 19`` answers nothing), minus those that merely restate
+   the question's numbers (``What is 4 + 9?`` → ``The sum of 4 and 9 is 13``);
+   the first one left is the answer (when every number restates the question,
+   the first number: ``76 is larger than 51``). After an ``=`` sign, the first
+   number after the last ``=``. Compared as numbers (``7.10`` = ``7.1``). Two
+   different answers joined by ``or`` (``12 or 13``, ``12 or maybe 13``) → a hedge.
 3. **Text**: phrases of two or more words copied from the question are removed
    (so ``The capital of Djibouti is Ali Sabieh`` does not match ``Djibouti``),
-   then an accepted answer must appear as whole words. Short answers with a
-   capital letter (element symbols ``He``, ``In``, codes ``XAF``) must match
-   case-sensitively, since ``he`` and ``in`` are also English words. If the
-   matched answer sits in a list of alternatives (``Americas, Africa, and Asia``;
-   ``Paris or Lyon``: items about as short as the answer), every alternative must
-   be an accepted answer.
+   then an accepted answer must appear as whole words. An answer the question
+   itself names (``Monaco``, for the capital of Monaco; not ``Africa`` in
+   "South Africa") counts only when the reply is that answer or names it more
+   often than the question does (``I don't know Monaco's capital`` is no answer).
+   Element symbols and codes (two letters, or all capitals: ``He``, ``In``,
+   ``XAF``, ``ALL``) must match case-sensitively, since ``he``, ``in`` and
+   ``all`` are also English words. If the matched answer sits in a list of
+   alternatives (``Americas, Africa, and Asia``; ``Paris or Lyon``; ``Sydney and
+   Canberra``; a bulleted list: items about as short as the answer), every
+   alternative must be an accepted answer.
 """
 
 from __future__ import annotations
@@ -122,9 +129,11 @@ def choose_option(reply: str, choices: dict[str, str]) -> str | None:
     letters = "".join(re.escape(k) for k in choices if len(k) == 1)
     if letters:
         pattern = _LETTER.replace("[A-Z]", f"[{letters}]")
-        # "A" followed by a lower-case word is the article ("A valid argument …").
+        # "A" followed by a lower-case word is the article ("A valid argument …"),
+        # unless the word says something about A ("A is correct").
+        article = r"A (?!(?:is|was|seems|would|because)\b)[a-z]"
         matches = (
-            m for m in re.finditer(pattern, reply) if not re.match(r"A [a-z]", reply[m.start() :])
+            m for m in re.finditer(pattern, reply) if not re.match(article, reply[m.start() :])
         )
         first = next(matches, None)
         if first is not None:
@@ -185,16 +194,23 @@ def correct_choice(item: EvalItem) -> str | None:
 
 def answer_number(reply: str, question: str) -> float | None:
     """The number the reply answers with (see the module docstring)."""
-    text = " ".join(normalize_words(reply))
     if "=" in reply:
         after = " ".join(normalize_words(reply.rsplit("=", 1)[1]))
         numbers = _NUMBER.findall(after)
         if numbers:
             return float(numbers[0])
+    # Copied runs of the question go first ("Which is larger, 40 or 19? The answer is
+    # 19"): a reply that only echoes the question's numbers answers nothing.
+    # (Sentence by sentence: "Which is larger? 40" restates, then answers.)
+    asked_words = normalize_words(question)
+    sentences = re.split(r"[?!:;\n]|\.(?!\d)", reply)
+    text = " ".join(
+        w for part in sentences for w in strip_restatement(normalize_words(part), asked_words)
+    )
     numbers = [float(n) for n in _NUMBER.findall(text)]
     if not numbers:
         return None
-    asked = {float(n) for n in _NUMBER.findall(" ".join(normalize_words(question)))}
+    asked = {float(n) for n in _NUMBER.findall(" ".join(asked_words))}
     fresh = [n for n in numbers if n not in asked]
     return (fresh or numbers)[0]
 
@@ -203,7 +219,8 @@ def _numeric_hedge(reply: str, question: str) -> bool:
     """Two different fresh numbers joined by "or" / "/" ("12 or 13")."""
     text = " ".join(normalize_words(reply)).replace("/", " or ")
     asked = {float(n) for n in _NUMBER.findall(" ".join(normalize_words(question)))}
-    for a, b in re.findall(r"(-?\d+(?:\.\d+)?)\s+or\s+(-?\d+(?:\.\d+)?)", text):
+    number = r"(-?\d+(?:\.\d+)?)"
+    for a, b in re.findall(rf"{number}\s+or(?:\s+[a-z]+){{0,2}}\s+{number}", text):
         if float(a) != float(b) and not {float(a), float(b)} <= asked:
             return True
     return False
@@ -232,53 +249,93 @@ def strip_restatement(reply_words: list[str], question_words: list[str]) -> list
 
 
 def _case_sensitive(answer: str) -> bool:
-    return len(answer) <= 3 and any(c.isupper() for c in answer)
+    """Element symbols (``He``, ``In``) and codes (``XAF``, ``ALL``) are also English words
+    in lower case; a capitalised word (``Tin``, ``Yen``) is matched in any case."""
+    return any(c.isupper() for c in answer) and (len(answer) <= 2 or answer.isupper())
 
 
 _LIST_SPLIT = re.compile(r",|;|/|\bor\b|\band\b|\n")
 
 
+_BULLET = re.compile(r"\s*(?:[-*•]|\d+[.)])\s+(.+)")
+
+
+def _sentences(reply: str) -> list[tuple[str, bool]]:
+    """Each sentence of the reply, and a bulleted list's items as one (``True``)."""
+    lines = reply.splitlines() or [reply]
+    bullets = [m.group(1) for line in lines if (m := _BULLET.fullmatch(line))]
+    listed = [("; ".join(bullets), True)] if len(bullets) >= 2 else []
+    return listed + [(s, False) for line in lines for s in re.split(r"(?<=[.!?])\s+", line)]
+
+
 def _list_alternatives(reply: str, answer: str) -> list[str] | None:
     """The other short items when ``answer`` sits in a list of alternatives, else None."""
-    for line in reply.splitlines() or [reply]:
-        for sentence in re.split(r"(?<=[.!?])\s+", line):
-            parts = [p.strip(" .:!?*-\"'()") for p in _LIST_SPLIT.split(sentence)]
-            parts = [p for p in parts if p]
-            if len(parts) < 2:
-                continue
-            norm_parts = [normalize_words(p) for p in parts]
-            target = normalize_words(answer)
-            hit = [k for k, words in enumerate(norm_parts) if _contains(words, target)]
-            if not hit:
-                continue
-            # The first or last item of a list is often glued to the sentence around
-            # it ("located in the Americas, Africa, and Asia"): keep just the answer.
-            words = norm_parts[hit[0]]
-            if words[-len(target) :] == target or words[: len(target)] == target:
-                norm_parts[hit[0]] = target
-            # A list is of short items, about as long as the answer ("Paris", "North
-            # America"); longer parts are clauses ("Hungary to the east").
-            longest = max(2, len(target) + 1)
-            short = [k for k, words in enumerate(norm_parts) if 0 < len(words) <= longest]
-            if (
-                hit[0] in short
-                and len(short) >= 2
-                and (re.search(r"\bor\b|/", sentence) or len(short) >= 3)
-            ):
-                return [parts[k] for k in short if k != hit[0]]
+    for sentence, bulleted in _sentences(reply):
+        parts = [p.strip(" .:!?*-\"'()") for p in _LIST_SPLIT.split(sentence)]
+        parts = [p for p in parts if p]
+        if len(parts) < 2:
+            continue
+        norm_parts = [normalize_words(p) for p in parts]
+        target = normalize_words(answer)
+        hit = [k for k, words in enumerate(norm_parts) if _contains(words, target)]
+        if not hit:
+            continue
+        # The first or last item of a list is often glued to the sentence around
+        # it ("located in the Americas, Africa, and Asia"): keep just the answer.
+        words = norm_parts[hit[0]]
+        if words[-len(target) :] == target or words[: len(target)] == target:
+            norm_parts[hit[0]] = target
+        # A list is of short items, about as long as the answer ("Paris", "North
+        # America"); longer parts are clauses ("Hungary to the east").
+        longest = max(2, len(target) + 1)
+        short = [k for k, words in enumerate(norm_parts) if 0 < len(words) <= longest]
+        # Two names joined by "and", each short as written ("Sydney and Canberra";
+        # not "Bosnia and Herzegovina's capital is Sarajevo").
+        pair = (
+            len(parts) == 2
+            and re.search(r"\band\b", sentence) is not None
+            and all(len(normalize_words(p)) <= longest for p in parts)
+        )
+        if (
+            hit[0] in short
+            and len(short) >= 2
+            and (bulleted or pair or re.search(r"\bor\b|/", sentence) or len(short) >= 3)
+        ):
+            return [parts[k] for k in short if k != hit[0]]
     return None
+
+
+def _named_in_question(question: str, answer: str) -> int:
+    """How often the question names the answer itself: *Monaco* in "the capital of
+    Monaco", not *Africa* in "South Africa" or *Bissau* in "Guinea-Bissau"."""
+    text = strip_accents(question)
+    pattern = rf"(?<!\w){re.escape(strip_accents(answer))}(?!\w)"
+    count = 0
+    for m in re.finditer(pattern, text, flags=re.IGNORECASE):
+        longer_name = re.search(r"[A-Z][\w'’]*[ -]$", text[: m.start()]) or re.match(
+            r"[ -][A-Z]", text[m.end() :]
+        )
+        count += not longer_name
+    return count
 
 
 def text_match(reply: str, question: str, answers: Sequence[str]) -> str | None:
     """The accepted answer the reply gives, or None."""
     question_words = normalize_words(question)
-    reply_words = strip_restatement(normalize_words(reply), question_words)
+    all_words = normalize_words(reply)
+    reply_words = strip_restatement(all_words, question_words)
     raw_words = normalize_words(reply, keep_case=True)
     for answer in answers:
+        target = normalize_words(answer)
         if _case_sensitive(answer):
             if _contains(raw_words, normalize_words(answer, keep_case=True)):
                 return answer
-        elif _contains(reply_words, normalize_words(answer)):
+        elif named := _named_in_question(question, answer):
+            # The capital of Monaco is Monaco: a bare mention may be the question's
+            # own ("I don't know Monaco's capital"); the reply must say it once more.
+            if all_words == target or len(_contains(all_words, target)) > named:
+                return answer
+        elif _contains(reply_words, target):
             return answer
     return None
 
