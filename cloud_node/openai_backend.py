@@ -119,6 +119,21 @@ def error_for_transport(exc: httpx.TransportError, url: str) -> TidegateError:
     return Unavailable(f"cloud server {url} failed mid-answer: {type(exc).__name__}: {exc}")
 
 
+def error_for_request(exc: httpx.RequestError, url: str) -> TidegateError:
+    """The tidegate error for any failure httpx raises while sending or reading.
+
+    Besides transport failures, httpx raises ``DecodingError`` (a body that does
+    not decode as its Content-Encoding says) and ``TooManyRedirects``: the
+    server's fault, not ours, so the router may fall back (UNAVAILABLE), not INTERNAL.
+    """
+    if isinstance(exc, httpx.TransportError):
+        return error_for_transport(exc, url)
+    return Unavailable(
+        f"cloud server {url} sent a response we could not read: {type(exc).__name__}: {exc}; "
+        "check openai.base_url points at an OpenAI-compatible API"
+    )
+
+
 def finish_reason(reason: Any, stop_reason: Any, stop: tuple[str, ...]) -> FinishReason:
     """OpenAI's finish_reason → ours. vLLM also says which stop string matched."""
     if reason == "length":
@@ -225,8 +240,8 @@ class OpenAIBackend:
             raise DeadlineExceeded(
                 f"cloud server {self.base_url} did not answer within {self.settings.timeout_s}s"
             ) from exc
-        except httpx.TransportError as exc:
-            raise error_for_transport(exc, self.base_url) from exc
+        except httpx.RequestError as exc:
+            raise error_for_request(exc, self.base_url) from exc
         if response.status_code != 200:
             raise error_for_status(response.status_code, response.content, self.base_url)
         try:
@@ -262,8 +277,8 @@ class OpenAIBackend:
                     delta = self._read_chunk(payload, answer)
                     if delta:
                         yield delta
-        except httpx.TransportError as exc:
-            raise error_for_transport(exc, self.base_url) from exc
+        except httpx.RequestError as exc:
+            raise error_for_request(exc, self.base_url) from exc
         if not done and answer.finish is None:
             raise Unavailable(
                 f"cloud server {self.base_url} ended the stream before the answer was complete"

@@ -35,15 +35,19 @@ from edge_node.settings import EdgeSettings
 from tidegate.backend import BackendInfo, Generation, ModelBackend
 from tidegate.chat import GenerationRequest
 from tidegate.errors import ConfigError
+from tidegate.registration import (
+    EDGE_NAME_PATTERN,
+    EDGE_NAME_RULE,
+    TOKEN_METADATA,
+    WILDCARD_HOSTS,
+)
 from tidegate.server import GRACE_SECONDS, RunningServer, split_address, start_server
 from tidegate.tls import open_channel
 from tidegate.v1 import registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-TOKEN_METADATA = "x-tidegate-registry-token"  # router.registry_servicer reads it
 DEREGISTER_TIMEOUT_S = 2.0
-WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
 # The router's connection retries follow our own backoff, not gRPC's (up to 120 s).
 RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -165,7 +169,7 @@ class RegistrationAgent:
     def start(self, advertise: str) -> None:
         """Begin registering as ``advertise`` (the HOST:PORT the router dials)."""
         self.advertise = advertise
-        self.name = self.settings.name or advertise
+        self.name = edge_name(self.settings, advertise)
         self._task = asyncio.create_task(self._run(), name=f"edge-agent-{self.name}")
 
     def _load(self) -> registry_pb2.EdgeLoad:
@@ -227,6 +231,20 @@ class RegistrationAgent:
         self.state.last_error = detail
         log.error("router %s refused %s (retrying with backoff)", self.settings.router, detail)
 
+    def _broke(self, exc: Exception, doing: str) -> None:
+        """Anything but a status from the router: a bug, or a call gRPC refused to
+        send (an illegal metadata value raises cygrpc's ExecuteBatchError). Left
+        uncaught it would end the task silently and the edge would never
+        register; log it with its traceback, and retry."""
+        self.state.registered = False
+        log.error(
+            "edge agent: %s with router %s failed unexpectedly (retrying with backoff)",
+            doing,
+            self.settings.router,
+            exc_info=exc,
+        )
+        self.lost(f"{doing}: {type(exc).__name__}: {exc}")
+
     async def _run(self) -> None:
         backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
         doing = "register" if self.settings.announce else "health check"
@@ -235,6 +253,10 @@ class RegistrationAgent:
                 interval = await self._contact()
             except grpc.aio.AioRpcError as exc:
                 self._failed(exc, doing)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any error
+                self._broke(exc, doing)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
@@ -255,6 +277,10 @@ class RegistrationAgent:
                         self._failed(exc, "heartbeat")
                         await asyncio.sleep(backoff.next_delay())
                     break
+                except Exception as exc:  # noqa: BLE001 - as above: log, back off, register again
+                    self._broke(exc, "heartbeat")
+                    await asyncio.sleep(backoff.next_delay())
+                    break
                 self._reachable()
 
     async def stop(self) -> None:
@@ -274,6 +300,8 @@ class RegistrationAgent:
                 log.info("deregistered %s from router %s", self.name, self.settings.router)
             except grpc.aio.AioRpcError as exc:
                 log.warning("could not deregister from %s: %s", self.settings.router, exc.details())
+            except Exception as exc:  # noqa: BLE001 - best effort: never fail a shutdown
+                log.warning("could not deregister from %s: %r", self.settings.router, exc)
             self.state.registered = False
 
 
@@ -301,14 +329,42 @@ def advertised_address(settings: EdgeSettings, bound_port: int) -> str:
     return f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
 
 
+def edge_name(registration: RegisterSettings, advertise: str) -> str:
+    """``register.name``, else the advertised address as a name the router accepts.
+
+    An IPv6 address (``[::1]:50052``) starts with ``[``, which the router refuses
+    as a first character, hence the ``edge@`` before it.
+    """
+    if registration.name:
+        return registration.name
+    name = f"edge@{advertise}" if advertise.startswith("[") else advertise
+    if not EDGE_NAME_PATTERN.fullmatch(name):
+        raise ConfigError(
+            f"register.name: the default name {name!r} (from the advertised address) is "
+            f"not one the router accepts ({EDGE_NAME_RULE}); set register.name"
+        )
+    return name
+
+
 def registry_token(registration: RegisterSettings) -> str | None:
+    """The registry token from ``register.token_env``, as gRPC metadata can carry it.
+
+    Surrounding whitespace is dropped: a token read from a file or a Kubernetes
+    secret often ends in a newline. Anything else outside printable ASCII cannot
+    be sent at all (gRPC refuses the call before it leaves), so fail at startup.
+    """
     if registration.token_env is None:
         return None
-    token = os.environ.get(registration.token_env)
+    name = registration.token_env
+    token = os.environ.get(name, "").strip()
     if not token:
         raise ConfigError(
-            f"register.token_env: the environment variable {registration.token_env} "
-            "is not set (or empty)"
+            f"register.token_env: the environment variable {name} is not set (or empty)"
+        )
+    if not all(" " <= char <= "~" for char in token):
+        raise ConfigError(
+            f"register.token_env: the token in the environment variable {name} has "
+            "characters gRPC metadata cannot carry; use printable ASCII only"
         )
     return token
 
@@ -338,8 +394,10 @@ async def serve_edge_agent(settings: EdgeSettings, backend: ModelBackend) -> Edg
     registration = settings.registration
     assert registration is not None
     token = registry_token(registration)
-    if registration.advertise is None:
-        advertised_address(settings, 1)  # a wildcard listen without advertise: fail now
+    # Fail now on a wildcard listen without advertise, or a default name the router
+    # would refuse. The widest port stands in for the one not bound yet: a name
+    # that fits with it fits with any.
+    edge_name(registration, advertised_address(settings, 65535))
     meter = MeteredBackend(backend, registration.capacity)
     node = build_edge_servicer(settings, meter)
     channel = open_channel(

@@ -10,13 +10,37 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from tidegate.config import StrictModel
+from tidegate.registration import EDGE_NAME_PATTERN, EDGE_NAME_RULE, WILDCARD_HOSTS
 from tidegate.server import split_address
 from tidegate.tls import ClientTls
 
 
-def _check_address(value: str | None) -> str | None:
-    if value is not None:
-        split_address(value)  # raises ValueError naming the bad address
+def _dialable(address: str) -> str:
+    """The host of ``address``, once its port is checked to be one a client can
+    dial: the router refuses the rest, so fail at startup, not on every Register."""
+    host, port = split_address(address)  # raises ValueError naming the bad address
+    if not 1 <= port <= 65535:
+        raise ValueError(f"the port of {address!r} must be 1-65535")
+    return host
+
+
+def _check_router(value: str) -> str:
+    _dialable(value)
+    return value
+
+
+def _check_advertise(value: str | None) -> str | None:
+    if value is not None and _dialable(value) in WILDCARD_HOSTS:
+        raise ValueError(
+            f"{value!r} is a wildcard address the router cannot dial; set "
+            "register.advertise to this edge's HOST:PORT as the router reaches it"
+        )
+    return value
+
+
+def _check_name(value: str | None) -> str | None:
+    if value is not None and not EDGE_NAME_PATTERN.fullmatch(value):
+        raise ValueError(f"{value!r} is not an edge name the router accepts: {EDGE_NAME_RULE}")
     return value
 
 
@@ -68,8 +92,9 @@ class RegisterSettings(StrictModel):
     tls: ClientTls | None = None
     """TLS (or mutual TLS) to the router; unset: plaintext."""
 
-    _router = field_validator("router")(_check_address)
-    _advertise = field_validator("advertise")(_check_address)
+    _router = field_validator("router")(_check_router)
+    _advertise = field_validator("advertise")(_check_advertise)
+    _name = field_validator("name")(_check_name)
 
     @model_validator(mode="after")
     def _backoff_bounds(self) -> RegisterSettings:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 
@@ -26,20 +25,14 @@ from tidegate.errors import (
     Unauthenticated,
     unary_errors,
 )
+from tidegate.registration import EDGE_NAME_PATTERN, EDGE_NAME_RULE, TOKEN_METADATA, WILDCARD_HOSTS
 from tidegate.server import Service, split_address
 from tidegate.v1 import registry_pb2, registry_pb2_grpc
 
-TOKEN_METADATA = "x-tidegate-registry-token"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@\[\]-]{0,63}$")
-WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
-
 
 def _check_name(name: str) -> None:
-    if not NAME_PATTERN.fullmatch(name):
-        raise InvalidArgument(
-            f"edge name {name!r} is not valid: 1-64 characters from letters, digits "
-            "and . _ : @ - [ ], starting with a letter or digit"
-        )
+    if not EDGE_NAME_PATTERN.fullmatch(name):
+        raise InvalidArgument(f"edge name {name!r} is not valid: {EDGE_NAME_RULE}")
 
 
 def _check_instance(instance_id: str) -> None:
@@ -187,7 +180,9 @@ def build_registry(
     """
     token = None
     if settings.token_env is not None:
-        token = (os.environ if environ is None else environ).get(settings.token_env)
+        # Stripped as the edge strips its own: a secret mounted as a variable
+        # often ends in a newline, which no gRPC metadata value can carry.
+        token = (os.environ if environ is None else environ).get(settings.token_env, "").strip()
         if not token:
             raise ConfigError(
                 f"registry.token_env: the environment variable {settings.token_env} "

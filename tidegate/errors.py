@@ -60,11 +60,34 @@ class InvalidPayload:
         self.reason = reason
 
 
+OUT_OF_MEMORY_ADVICE = (
+    "out of memory while serving the request; retry with a shorter conversation or "
+    "fewer new tokens, or give the node more memory (or fewer concurrent requests)"
+)
+# What torch's allocators say when they fail: the CPU one raises a plain
+# RuntimeError ("DefaultCPUAllocator: can't allocate memory: ..."), the CUDA one
+# torch.OutOfMemoryError ("CUDA out of memory. Tried to allocate ..."), also a
+# RuntimeError. Matched by name and text so this module needs no torch.
+_TORCH_OOM_TEXT = ("can't allocate memory", "out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError or torch's allocator failing (on CPU or GPU)."""
+    if isinstance(exc, MemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or any(t in text for t in _TORCH_OOM_TEXT)
+
+
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, TidegateError):
         return exc.code, str(exc)
-    if isinstance(exc, MemoryError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, "out of memory while serving the request"
+    if is_out_of_memory(exc):
+        # Not a bug to report, but an operator may want to size the node: say what failed.
+        log.warning("out of memory while serving a request: %s: %.300s", type(exc).__name__, exc)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, OUT_OF_MEMORY_ADVICE
     log.exception("unexpected error while serving a request", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 

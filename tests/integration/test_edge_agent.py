@@ -10,6 +10,7 @@ again; it comes back having forgotten the edge, and the agent registers again.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,8 @@ from typing import Any
 import grpc
 import pytest
 
-from edge_node.agent import EdgeAgentServer
+from edge_node.agent import EdgeAgentServer, MeteredBackend, RegistrationAgent, RegistrationInfo
+from edge_node.agent_settings import RegisterSettings
 from edge_node.service import serve_edge
 from edge_node.settings import EdgeSettings
 from router.service import RouterServer, serve_router
@@ -298,6 +300,66 @@ async def test_the_agents_status_shows_the_router_it_talks_to(device, cloud):
     assert (edge.tier, edge.model, edge.registered) == ("edge", EDGE_MODEL, False)
     assert (router.tier, router.address, router.healthy) == ("router", device.router_address, False)
     assert "UNAVAILABLE" in router.last_error and status.policy_version == "edge-offline"
+
+
+async def test_an_error_that_is_not_a_grpc_status_never_ends_the_agent(device, cloud, caplog):
+    """gRPC refuses to send a token with a newline (cygrpc's ExecuteBatchError, not
+    an AioRpcError), and a bug can raise anything: the agent logs it with its
+    traceback, shows it in its state, backs off and retries, at Register and at
+    Heartbeat alike, comes back when the fault goes away, and still stops."""
+    await device.start_router(cloud.address)
+    backend = tiny_backend(seed=0)
+    device.exits.push_async_callback(backend.close)
+    channel = grpc.aio.insecure_channel(device.router_address)
+    device.exits.push_async_callback(channel.close)
+    settings = RegisterSettings.model_validate({"router": device.router_address, **FAST_AGENT})
+    info = RegistrationInfo(model=EDGE_MODEL, estimator="seq_prob", context_length=512)
+
+    def start(token: str | None) -> tuple[RegistrationAgent, MeteredBackend]:
+        meter = MeteredBackend(backend, capacity=1)
+        agent = RegistrationAgent(settings, channel, info, meter, token)
+        device.exits.push_async_callback(agent.stop)
+        agent.start(cloud.address)  # a node the router can dial
+        return agent, meter
+
+    def unexpected() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+
+    # 1. Register itself fails, every time: still retried, logged, and visible.
+    caplog.set_level(logging.ERROR, logger="edge_node.agent")
+    refused, _ = start("s3cret\n")  # what a Kubernetes secret's env var often holds
+
+    async def retried() -> bool:
+        return len(unexpected()) >= 2
+
+    await eventually(retried)
+    assert all(r.exc_info is not None for r in unexpected())
+    assert "ExecuteBatchError" in refused.state.last_error and not refused.state.reachable
+    await asyncio.wait_for(refused.stop(), 5)  # cancellation still ends the loop
+    logged = len(unexpected())
+    await asyncio.sleep(0.5)
+    assert len(unexpected()) == logged
+
+    # 2. Registered, then heartbeats fail: lost, retried, registered again once fixed.
+    agent, meter = start(None)
+
+    async def registered() -> bool:
+        return agent.state.registered and agent.state.reachable
+
+    await eventually(registered)
+    meter.in_flight = -1  # a counting bug: the load no longer fits its uint32 field
+
+    async def broken() -> bool:
+        return not agent.state.reachable and "ValueError" in agent.state.last_error
+
+    await eventually(broken)
+    first = agent.state.registrations
+    meter.in_flight = 0
+
+    async def back() -> bool:
+        return agent.state.registrations > first and await registered()
+
+    await eventually(back)
 
 
 async def test_misconfigured_agents_fail_at_startup(monkeypatch):

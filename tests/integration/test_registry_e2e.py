@@ -213,7 +213,7 @@ async def test_an_edge_that_goes_silent_is_dropped(cluster, cloud):
 async def test_bad_registrations_get_precise_statuses_and_the_router_stays_up(
     cluster, cloud, monkeypatch
 ):
-    monkeypatch.setenv("TIDEGATE_TEST_REGISTRY_TOKEN", "s3cret")
+    monkeypatch.setenv("TIDEGATE_TEST_REGISTRY_TOKEN", "s3cret\n")  # a mounted secret's newline
     edge = await cluster.node(tiny_backend(seed=0))
     router = await cluster.router(
         cloud.address,

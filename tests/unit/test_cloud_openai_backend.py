@@ -242,3 +242,31 @@ async def test_transport_failures(exc: Exception, error: type, phrase: str) -> N
         await backend(handler).generate(REQUEST)
     with pytest.raises(error, match=phrase):
         await collect(backend(handler))
+
+
+def garbled_gzip(request: httpx.Request) -> httpx.Response:
+    # A body that is not the gzip its header claims: httpx raises DecodingError on reading it.
+    return httpx.Response(
+        200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip at all")
+    )
+
+
+def redirect_loop(request: httpx.Request) -> httpx.Response:
+    raise httpx.TooManyRedirects("Exceeded maximum allowed redirects.", request=request)
+
+
+@pytest.mark.parametrize(
+    ("handler", "name"),
+    [(garbled_gzip, "DecodingError"), (redirect_loop, "TooManyRedirects")],
+    ids=["undecodable-body", "too-many-redirects"],
+)
+async def test_request_errors_beyond_transport_are_unavailable(
+    handler: Callable[[httpx.Request], httpx.Response], name: str
+) -> None:
+    # Not TransportErrors, but httpx.RequestErrors all the same: the server's fault, so
+    # UNAVAILABLE (the router may fall back), never an unexpected INTERNAL.
+    phrase = f"{URL} sent a response we could not read: {name}"
+    with pytest.raises(Unavailable, match=phrase):
+        await backend(handler).generate(REQUEST)
+    with pytest.raises(Unavailable, match=phrase):
+        await collect(backend(handler))

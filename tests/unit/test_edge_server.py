@@ -114,3 +114,36 @@ async def test_non_utf8_bytes_are_invalid_argument(tiny_edge_node):
         # the same connection keeps working
         stub = model_node_pb2_grpc.ModelNodeStub(channel)
         assert (await stub.Generate(_request(), timeout=10)).usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("failure", ["cpu-allocator", "torch-out-of-memory"])
+async def test_out_of_memory_is_resource_exhausted(failure):
+    """Torch's allocators raise RuntimeErrors, not MemoryError: still RESOURCE_EXHAUSTED
+    (the router falls back; the client learns what to change), not INTERNAL."""
+    import torch
+
+    from tests.support.tiny_models import start_tiny_node
+
+    def allocate(module, args):
+        if failure == "cpu-allocator":
+            torch.empty(2**62, dtype=torch.uint8)  # beyond any address space: fails for real
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    server, backend = await start_tiny_node("edge")
+    hook = backend.model.get_decoder().register_forward_pre_hook(allocate)  # every step
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = model_node_pb2_grpc.ModelNodeStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as unary:
+                await stub.Generate(_request(), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as streamed:
+                async for _ in stub.GenerateStream(_request(), timeout=10):
+                    pass
+            for err in (unary.value, streamed.value):
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "out of memory" in err.details() and "fewer new tokens" in err.details()
+            hook.remove()  # memory is back: the node answers again
+            assert (await stub.Generate(_request(), timeout=10)).usage.completion_tokens > 0
+    finally:
+        await server.stop(0)
+        await backend.close()

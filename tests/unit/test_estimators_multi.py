@@ -4,14 +4,15 @@ over a real tiny transformers model."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 
 import pytest
 import torch
 
 from edge_node.estimators_sampling import ConsistencyEstimator, answer_key
-from edge_node.estimators_verify import SelfVerifyEstimator, verification_messages
-from tests.support.tiny_models import tiny_backend
+from edge_node.estimators_verify import CUT, SelfVerifyEstimator, verification_messages
+from tests.support.tiny_models import TINY_CONTEXT_LENGTH, tiny_backend
 from tidegate.backend import ConfidenceEstimator
 from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
 from tidegate.errors import InvalidArgument
@@ -70,6 +71,70 @@ def test_verification_prompt_holds_question_answer_and_system_prompt():
     assert "Capital of France?" in messages[-1].content
     assert "Proposed answer: Paris\n" in messages[-1].content
     assert messages[-1].role == "user"
+
+
+def filling(backend, max_new_tokens: int) -> GenerationRequest:
+    """The longest question whose prompt leaves exactly room for ``max_new_tokens``
+    (or one token more): a request the node accepts."""
+    room = TINY_CONTEXT_LENGTH - max_new_tokens
+    words = 1
+    while True:
+        longer = (ChatMessage("user", "word " * (words + 1)),)
+        if len(backend.encode_prompt(GenerationRequest(longer))) > room:
+            break
+        words += 1
+    messages = (ChatMessage("user", "word " * words),)
+    return GenerationRequest(messages, SamplingParams(max_new_tokens=max_new_tokens))
+
+
+def prompt_tokens(backend, messages) -> int:
+    return len(backend.encode_prompt(GenerationRequest(tuple(messages))))
+
+
+async def test_self_verify_cuts_an_answer_that_overflows_the_context(backend):
+    request = filling(backend, max_new_tokens=160)
+    generation = await backend.generate(request)  # the request itself fits
+    as_is = verification_messages(request, generation.text)
+    assert prompt_tokens(backend, as_is) + 1 > TINY_CONTEXT_LENGTH  # question + answer + template
+
+    estimator = SelfVerifyEstimator(backend)
+    score = await estimator.score(request, generation)
+    fitted = estimator.fitted_messages(request, generation.text)
+    assert fitted is not None
+    assert prompt_tokens(backend, fitted) + 1 <= TINY_CONTEXT_LENGTH
+    logprobs = await backend.next_token_logprobs(fitted, ["Yes", "yes", "No", "no"])
+    yes = math.exp(logprobs["Yes"]) + math.exp(logprobs["yes"])
+    no = math.exp(logprobs["No"]) + math.exp(logprobs["no"])
+    assert 0.0 < score < 1.0 and score == pytest.approx(yes / (yes + no))  # judged, not neutral
+    answer = fitted[-1].content.split("Proposed answer: ")[1].split("\nIs the proposed")[0]
+    assert answer.endswith(CUT)  # marked as cut, and its start (the claim) kept
+    kept = answer.removesuffix(CUT).strip()
+    assert kept and generation.text.strip().startswith(kept)
+
+
+async def test_self_verify_is_neutral_when_the_question_leaves_no_room(backend, caplog):
+    request = filling(backend, max_new_tokens=1)
+    generation = await backend.generate(request)
+    assert generation.text.strip()
+    with caplog.at_level(logging.WARNING, logger="edge_node.estimators_verify"):
+        assert await SelfVerifyEstimator(backend).score(request, generation) == 0.5
+    assert "fills the model's context" in caplog.text
+
+
+async def test_self_verify_is_neutral_where_the_backend_cannot_count_tokens(
+    backend, tmp_path, caplog
+):
+    # The evaluation's output cache offers next_token_logprobs but no tokenizer: the
+    # prompt goes as is, and the model's refusal of it must not fail the answer.
+    from tidegate.evaluation.gencache import CachedBackend
+
+    request = filling(backend, max_new_tokens=160)
+    generation = await backend.generate(request)
+    with caplog.at_level(logging.WARNING, logger="edge_node.estimators_verify"):
+        score = await SelfVerifyEstimator(CachedBackend(backend, tmp_path)).score(
+            request, generation
+        )
+    assert score == 0.5 and "context of 512 tokens" in caplog.text
 
 
 def test_self_verify_needs_a_backend_with_next_token_logprobs():

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 
 import pytest
+import yaml
 
-from edge_node.agent import Backoff, MeteredBackend, advertised_address
+from edge_node.agent import Backoff, MeteredBackend, advertised_address, edge_name, registry_token
+from edge_node.agent_settings import RegisterSettings
 from edge_node.settings import EdgeSettings
 from router.settings import RouterSettings
 from tests.support.tiny_models import tiny_backend
@@ -15,6 +18,7 @@ from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
 from tidegate.cli import _with_registration, build_parser
 from tidegate.config import load_config
 from tidegate.errors import ConfigError
+from tidegate.registration import EDGE_NAME_PATTERN
 
 
 def test_backoff_doubles_up_to_the_cap_with_jitter_and_resets():
@@ -78,6 +82,64 @@ def test_the_advertised_address_defaults_to_the_bound_one():
     assert advertised_address(settings("0.0.0.0:1", advertise="edge:1"), 1) == "edge:1"
     with pytest.raises(ConfigError, match="register.advertise"):
         advertised_address(settings("0.0.0.0:50052"), 50052)
+
+
+def test_the_registry_token_drops_a_trailing_newline_and_refuses_what_grpc_cannot_send(
+    monkeypatch,
+):
+    # gRPC refuses to send a metadata value outside printable ASCII (cygrpc's
+    # ExecuteBatchError, before the call leaves): the agent could never register.
+    registration = RegisterSettings(token_env="TIDEGATE_TEST_REGISTRY_TOKEN")
+    monkeypatch.setenv("TIDEGATE_TEST_REGISTRY_TOKEN", "s3cret-token\n")  # a Kubernetes secret
+    assert registry_token(registration) == "s3cret-token"
+    for bad in ("sécret", "tab\tinside", "bell\x07", "del\x7f"):
+        monkeypatch.setenv("TIDEGATE_TEST_REGISTRY_TOKEN", bad)
+        with pytest.raises(ConfigError, match="register.token_env.*TIDEGATE_TEST_REGISTRY_TOKEN"):
+            registry_token(registration)
+    monkeypatch.setenv("TIDEGATE_TEST_REGISTRY_TOKEN", "sécret")
+    with pytest.raises(ConfigError) as err:
+        registry_token(registration)
+    assert "sécret" not in str(err.value)  # never the secret itself in a log
+    monkeypatch.setenv("TIDEGATE_TEST_REGISTRY_TOKEN", " \n")
+    with pytest.raises(ConfigError, match="not set \\(or empty\\)"):
+        registry_token(registration)
+
+
+@pytest.mark.parametrize(
+    ("register", "field", "phrase"),
+    [
+        ({"name": "my edge"}, "register.name", "starting with a letter or digit"),
+        ({"name": "[::1]:5"}, "register.name", "starting with a letter or digit"),
+        ({"advertise": "0.0.0.0:7000"}, "register.advertise", "set register.advertise"),
+        ({"advertise": "[::]:7000"}, "register.advertise", "set register.advertise"),
+        ({"advertise": "edge.local:70000"}, "register.advertise", "1-65535"),
+        ({"router": "router.local:99999"}, "register.router", "1-65535"),
+        ({"router": "router.local:0"}, "register.router", "1-65535"),
+    ],
+)
+def test_register_settings_the_router_would_refuse_fail_at_startup(
+    tmp_path, register, field, phrase
+):
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump({"register": register}))
+    with pytest.raises(ConfigError, match=re.escape(field) + ".*" + re.escape(phrase)):
+        load_config(EdgeSettings, path)
+
+
+def test_the_default_name_is_one_the_router_accepts():
+    def registration(listen: str, **register: str) -> tuple[RegisterSettings, str]:
+        settings = EdgeSettings.model_validate({"listen": listen, "register": register})
+        assert settings.registration is not None
+        return settings.registration, advertised_address(settings, 5)
+
+    assert edge_name(*registration("127.0.0.1:0")) == "127.0.0.1:5"
+    assert edge_name(*registration("[::1]:0")) == "edge@[::1]:5"  # "[" cannot start a name
+    assert edge_name(*registration("[::1]:0", name="kitchen")) == "kitchen"
+    for name in ("127.0.0.1:5", "edge@[::1]:5", "edge@[2001:db8::7]:50052"):
+        assert EDGE_NAME_PATTERN.fullmatch(name)
+    long_host = "edge-0." + "a" * 60 + ".svc.cluster.local"
+    with pytest.raises(ConfigError, match="register.name"):
+        edge_name(*registration(f"{long_host}:0"))  # too long for a name: say to set one
 
 
 def test_cli_register_flags_override_the_yaml(tmp_path):
