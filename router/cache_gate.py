@@ -73,7 +73,9 @@ class CacheGate:
             semantic = entry is not None
         if (
             entry is None
-            or not may_serve_cached(entry.source_tier, entry.confidence, plan.facts.threshold)
+            or not may_serve_cached(
+                entry.source_tier, entry.confidence, entry.estimator, plan.facts
+            )
             or not await self._entry_is_current(entry)
         ):
             self.misses += 1
@@ -101,6 +103,7 @@ class CacheGate:
         refusal = admission_refusal(
             source,
             confidence,
+            result.estimator,
             result.finish_reason,
             plan.sampling.is_sampled,
             plan.facts.threshold,

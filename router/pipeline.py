@@ -4,9 +4,10 @@
     cloud when escalated → cache admission → result with full provenance
 
 Identical concurrent requests, unary or streamed, share one run
-(``router.flights``). The streaming flow and its semantics live in
-``router.streaming``. Decisions come from ``router.policy``, results from
-``router.provenance``; this module only sequences the calls.
+(``router.flights``; how their deadlines meet: ``Pipeline._shared``). The
+streaming flow and its semantics live in ``router.streaming``. Decisions come
+from ``router.policy``, results from ``router.provenance``; this module only
+sequences the calls.
 
 Cache reads and admission go through ``router.cache_gate``; what the router
 reports about itself (Status, budget standing) is ``router.status``.
@@ -14,8 +15,9 @@ reports about itself (Status, budget standing) is ``router.status``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from router import provenance, tiers
 from router.auth import Authenticator, Tenant, TenantConfig
@@ -23,9 +25,9 @@ from router.budgets import BudgetExceeded, open_budgets
 from router.cache import ResponseCache
 from router.cache_gate import CacheGate
 from router.directory import least_loaded
-from router.domain import NodeAnswer, Restart, RouteRequest, RouteResult, Tier
-from router.failover import TierUnavailable
-from router.flights import Flights, once
+from router.domain import Escalation, NodeAnswer, Restart, RouteRequest, RouteResult, Tier
+from router.failover import DEADLINE_SLACK_S, TierUnavailable
+from router.flights import Flights, Subscription, once
 from router.metrics import RouterMetrics
 from router.nodes import NodeClient, NodeRejected, NodeUnavailable
 from router.plan import Plan, make_plan
@@ -34,10 +36,61 @@ from router.settings import RouterSettings
 from router.status import RouterStatus, router_status
 from router.streaming import StreamEvent, StreamRoute, with_whole_text
 from router.tiers import EdgeOutcome
-from tidegate.errors import InvalidArgument, TidegateError, Unavailable
+from tidegate.errors import DeadlineExceeded, InvalidArgument, TidegateError, Unavailable
 from tidegate.logs import bind_request_id
 
 log = logging.getLogger(__name__)
+
+# A run of one request's work: its events, with edge tokens streamed early
+# (and so a Restart) allowed or not (``StreamRoute.may_restart``).
+Work = Callable[[bool], AsyncIterator[StreamEvent]]
+
+
+class RanOutOfTime(Exception):
+    """A shared run failed once its own deadline (its first caller's) had passed.
+    ``error`` is what a lone request would have got."""
+
+    def __init__(self, error: TidegateError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _marked(
+    events: AsyncIterator[StreamEvent], deadline: float | None
+) -> AsyncIterator[StreamEvent]:
+    """``events``; a failure at or past ``deadline`` becomes RanOutOfTime, so the
+    callers sharing the run can tell it from the tier failing."""
+    try:
+        async for event in events:
+            yield event
+    except TidegateError as exc:
+        if (
+            deadline is not None
+            and asyncio.get_running_loop().time() >= deadline - DEADLINE_SLACK_S
+        ):
+            raise RanOutOfTime(exc) from exc
+        raise
+
+
+async def _until(
+    flight: Subscription[StreamEvent], deadline: float | None
+) -> AsyncIterator[StreamEvent]:
+    """The flight's events, until this caller's own ``deadline`` passes."""
+    events = aiter(flight)
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):  # per event: never across a yield
+                    event = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    "the deadline passed while waiting for the answer of an identical request"
+                ) from None
+            yield event
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 class Pipeline:
@@ -90,15 +143,16 @@ class Pipeline:
             return hit
         if not plan.cacheable:  # two sampled requests expect two samples: no sharing
             return await self._route(plan, deadline, watch)
-        flight = self._flights.join(
-            plan.flight_key, lambda: once(lambda: self._route(plan, deadline, watch))
-        )
+
+        def run(may_restart: bool) -> AsyncIterator[RouteResult]:
+            return once(lambda: self._route(plan, deadline, watch))
+
         result = None
-        async for event in flight:  # a stream's flight also carries deltas
-            if isinstance(event, RouteResult):
+        async for event in self._shared(plan, deadline, watch, run, streamed=False):
+            if isinstance(event, RouteResult):  # a stream's flight also carries deltas
                 result = event
         assert result is not None
-        return result if flight.leader else provenance.coalesced(result, plan, watch)
+        return result
 
     async def _route(self, plan: Plan, deadline: float | None, watch: Stopwatch) -> RouteResult:
         edge = await self._ask_edge(plan, deadline, watch)
@@ -171,12 +225,60 @@ class Pipeline:
             async for event in with_whole_text(events):
                 yield event
             return
-        flight = self._flights.join(
-            plan.flight_key, lambda: StreamRoute(self, plan, deadline, watch).events()
-        )
-        async for event in with_whole_text(aiter(flight)):
-            if isinstance(event, RouteResult) and not flight.leader:
-                event = provenance.coalesced(event, plan, watch)
+
+        def run(may_restart: bool) -> AsyncIterator[StreamEvent]:
+            return StreamRoute(self, plan, deadline, watch, may_restart).events()
+
+        async for event in with_whole_text(self._shared(plan, deadline, watch, run, streamed=True)):
+            yield event
+
+    async def _shared(
+        self, plan: Plan, deadline: float | None, watch: Stopwatch, run: Work, streamed: bool
+    ) -> AsyncIterator[StreamEvent]:
+        """This caller's events from the one run identical requests share.
+
+        The run belongs to its first caller and has that caller's deadline: it
+        plans the edge and calls the nodes exactly as a lone request would, so
+        deadlines still reach the nodes. Each caller waits only until its own
+        deadline (DEADLINE_EXCEEDED). When the run fails at its first caller's
+        deadline, a caller that joined it and still has time is answered by a
+        run of its own (one more model call, only when identical requests have
+        different deadlines). A stream that already received the shared run's
+        text is first told to discard it (Restart, code DEADLINE); a stream gets
+        at most one Restart, so one that had a Restart and text after it gets
+        the shared run's error instead.
+        """
+        flight = self._flights.join(plan.flight_key, lambda: _marked(run(True), deadline))
+        # Node calls end deadline_margin_s early to leave the router its own
+        # work; a caller waiting on someone else's run may wait out all of it.
+        gives_up = None if deadline is None else deadline + self.policy.deadline_margin_s
+        text = restarted = False  # a stream received: text since the last Restart; a Restart
+        try:
+            async for event in _until(flight, gives_up):
+                if isinstance(event, RouteResult):
+                    event = event if flight.leader else provenance.coalesced(event, plan, watch)
+                elif streamed and isinstance(event, Restart):
+                    text, restarted = False, True
+                elif streamed and event:
+                    text = True
+                yield event
+            return
+        except RanOutOfTime as exc:
+            now = asyncio.get_running_loop().time()
+            has_time = deadline is None or now < deadline - DEADLINE_SLACK_S
+            if flight.leader or not has_time or (text and restarted):
+                raise exc.error from None
+            cut = exc.error
+        if text:
+            restarted = True
+            yield Restart(
+                Escalation.DEADLINE,
+                f"the answer being streamed was shared with an identical request and cut "
+                f"at that request's deadline ({cut}); answering again",
+            )
+        async for event in run(not restarted):
+            if restarted and isinstance(event, RouteResult):
+                event = provenance.restarted(event)
             yield event
 
     # -- observation -------------------------------------------------------

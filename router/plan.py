@@ -74,6 +74,7 @@ def make_plan(request: RouteRequest, settings: RouterSettings) -> Plan:
             prompt_tokens=estimate_prompt_tokens(request.messages),
             max_new_tokens=sampling.max_new_tokens,
             threshold=threshold,
+            estimator=policy.estimator,
         ),
         key=cache_key(request.tenant, request.messages, sampling),
         cacheable=not sampling.is_sampled or settings.cache.cache_sampled,

@@ -31,12 +31,16 @@ TOKENS_PER_MESSAGE = 4  # role markers and separators of a typical chat template
 TOKENS_PER_PROMPT = 2  # the assistant turn's opening marker
 
 
+def estimate_text_tokens(text: str) -> int:
+    """Conservative size of ``text`` in tokens, without a tokenizer (see above)."""
+    return math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN)
+
+
 def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:
     """Conservative prompt size in tokens, without a tokenizer (see above)."""
     total = TOKENS_PER_PROMPT
     for message in messages:
-        content_bytes = len(message.content.encode("utf-8"))
-        total += TOKENS_PER_MESSAGE + math.ceil(content_bytes / BYTES_PER_TOKEN)
+        total += TOKENS_PER_MESSAGE + estimate_text_tokens(message.content)
     return total
 
 
@@ -56,6 +60,9 @@ class RequestFacts:
     prompt_tokens: int  # estimated, see estimate_prompt_tokens
     max_new_tokens: int  # after the policy default
     threshold: float  # effective min_confidence
+    # The estimator whose scale the threshold is on (policy.estimator; None: any).
+    # Carried with the threshold so the cache's serving rule can apply it too.
+    estimator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,8 +127,7 @@ def judge_edge(signal: EdgeSignal, facts: RequestFacts, policy: PolicySettings) 
             f"edge node returned no confidence score; min_confidence "
             f"{facts.threshold:.2f} needs one",
         )
-    mismatch = policy.estimator is not None and signal.estimator != policy.estimator
-    if mismatch and facts.threshold > 0.0:
+    if not on_calibrated_scale(signal.estimator, policy.estimator) and facts.threshold > 0.0:
         return Decision.escalate(
             Escalation.LOW_CONFIDENCE,
             f"edge confidence comes from estimator {signal.estimator or 'unnamed'!r}, but "
@@ -136,17 +142,32 @@ def judge_edge(signal: EdgeSignal, facts: RequestFacts, policy: PolicySettings) 
     return Decision.keep_edge()
 
 
-def may_serve_cached(source_tier: Tier, confidence: float, threshold: float) -> bool:
+def on_calibrated_scale(estimator: str, calibrated: str | None) -> bool:
+    """Whether a confidence from ``estimator`` may be held against thresholds
+    calibrated for ``calibrated`` (policy.estimator; None: any estimator's).
+    Estimators score on different scales: 0.8 from one is not 0.8 from another."""
+    return calibrated is None or estimator == calibrated
+
+
+def may_serve_cached(
+    source_tier: Tier, confidence: float, estimator: str, facts: RequestFacts
+) -> bool:
     """Serving rule: a cached cloud answer meets any threshold; a cached edge
-    answer only a threshold its stored confidence meets."""
+    answer only a threshold its stored confidence meets, judged as judge_edge
+    judges a fresh one: from another estimator than the threshold's, it meets
+    only a threshold of 0. (An entry can predate the policy's estimator: stored
+    before a reload, or by another router on a shared cache.)"""
     if source_tier is Tier.CLOUD:
         return True
-    return confidence >= threshold
+    if not on_calibrated_scale(estimator, facts.estimator) and facts.threshold > 0.0:
+        return False
+    return confidence >= facts.threshold
 
 
 def admission_refusal(
     source_tier: Tier,
     confidence: float | None,
+    estimator: str,
     finish_reason: FinishReason | None,
     sampled: bool,
     threshold: float,
@@ -158,7 +179,7 @@ def admission_refusal(
     An edge answer must meet the stricter of the request's threshold and the
     policy's: a client that lowers its own bar gets the answer, but the cache
     (which serves everyone in the tenant) keeps only answers meeting the
-    policy's bar.
+    policy's bar, on the scale the bar was calibrated for (as judge_edge).
     """
     if finish_reason is None:
         return "the node did not report a finish reason"
@@ -168,6 +189,11 @@ def admission_refusal(
         return "the answer was sampled (temperature > 0) and cache.cache_sampled is off"
     if source_tier is Tier.EDGE:
         bar = max(threshold, policy.min_confidence)
+        if not on_calibrated_scale(estimator, policy.estimator) and bar > 0.0:
+            return (
+                f"edge confidence comes from estimator {estimator or 'unnamed'!r}, but the "
+                f"cache bar {bar:.2f} was calibrated for {policy.estimator!r}"
+            )
         if confidence is None or confidence < bar:
             shown = "none" if confidence is None else f"{confidence:.2f}"
             return f"edge confidence {shown} is below the cache bar {bar:.2f}"

@@ -20,7 +20,9 @@ final ``RouteResult`` (whose text is the whole answer) — or an error.
   appended.
 * **Only complete answers are cached** (the same admission rules as unary).
 * **Budgets** as in unary calls: the tenant's cloud budget is reserved before
-  the first cloud stream and settled with the tokens it really used.
+  the first cloud stream and settled with the tokens it really used. A cloud
+  stream cut (by its node or by the client) after text was sent is charged for
+  that text (``StreamRoute._delivered_cost``); one cut before is not charged.
 
 This module is the flight's work (``router.flights``): identical streams in
 flight share one run and receive the same events.
@@ -39,7 +41,7 @@ from router.domain import Escalation, NodeAnswer, Restart, RouteResult, Tier
 from router.failover import edge_deadline
 from router.nodes import NodeClient, NodeRejected, NodeUnavailable, node_request
 from router.plan import Plan
-from router.policy import Decision, EdgeSignal, judge_edge, pre_route
+from router.policy import Decision, EdgeSignal, estimate_text_tokens, judge_edge, pre_route
 from router.provenance import Stopwatch
 from router.tiers import EdgeOutcome, edge_rejected
 from tidegate.errors import DeadlineExceeded, Unavailable
@@ -76,20 +78,29 @@ class StreamRoute:
     """One streamed request's run, after the cache missed."""
 
     def __init__(
-        self, pipeline: Pipeline, plan: Plan, deadline: float | None, watch: Stopwatch
+        self,
+        pipeline: Pipeline,
+        plan: Plan,
+        deadline: float | None,
+        watch: Stopwatch,
+        may_restart: bool = True,
     ) -> None:
         self.p = pipeline
         self.plan = plan
         self.deadline = deadline
         self.watch = watch
         self.idle_s = pipeline.settings.stream.idle_timeout_s
+        # False when the client already had its one Restart (router.pipeline
+        # reruns a stream whose shared run was cut): edge tokens are then not
+        # streamed early, since replacing them would need a second Restart.
+        self.may_restart = may_restart
         self.edge_sent = False  # early edge deltas reached the client
         self.restarted = False
         self.edge: EdgeOutcome | None = None
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         p, plan = self.p, self.plan
-        if p.settings.stream.early_edge_tokens:
+        if p.settings.stream.early_edge_tokens and self.may_restart:
             async for delta in self._edge_early():
                 yield delta
         else:
@@ -167,14 +178,36 @@ class StreamRoute:
             result = tiers.over_budget_or_raise(self.p, self.plan, edge, self.watch, exc)
             yield provenance.restarted(result) if self.restarted else result
             return
-        spent = 0
+        spent: int | None = None  # the node's own count, sent with its final message
+        delivered: list[str] = []  # cloud text the client already holds
         try:
             async for event in self._cloud_streams(edge):
-                if isinstance(event, RouteResult) and event.tier is Tier.CLOUD:
+                if isinstance(event, str):
+                    delivered.append(event)
+                elif isinstance(event, RouteResult) and event.tier is Tier.CLOUD:
                     spent = event.prompt_tokens + event.completion_tokens
                 yield event
         finally:
+            if spent is None:  # cut (by the node or the client) before the final message
+                spent = self._delivered_cost(delivered) if delivered else 0
             await self.p.budgets.settle(reservation, spent)
+
+    def _delivered_cost(self, deltas: list[str]) -> int:
+        """What a cloud stream cut after sending ``deltas`` is charged.
+
+        The node counts tokens only in its final message, which a cut stream
+        never brings. Refunding the reservation would make the text the client
+        already holds free (and a sampled stream, never coalesced, can be cut
+        again and again), so the delivered part is charged, estimated the way
+        the reservation was: the prompt as reserved, plus the text's tokens.
+        A node sends a delta once at least one more token is decoded, so each
+        delta is at least a token; the router's tokenizer-free estimate
+        (``estimate_text_tokens``) may count more. Never past max_new_tokens,
+        which is all the node could generate.
+        """
+        facts = self.plan.facts
+        tokens = max(len(deltas), estimate_text_tokens("".join(deltas)))
+        return self.p.budgets.estimate(facts.prompt_tokens, min(tokens, facts.max_new_tokens))
 
     async def _cloud_streams(self, edge: EdgeOutcome) -> AsyncIterator[StreamEvent]:
         p, plan, watch = self.p, self.plan, self.watch

@@ -275,3 +275,56 @@ async def test_entries_of_a_replaced_model_are_not_served(stack, redis_prefix):
     hit = await third.Generate(ask(tenant="upgrade"), timeout=30)
     assert hit.tier == router_pb2.TIER_CACHE and hit.model == "tiny-cloud-v2@tiny/none"
     assert new_backend.calls == 1
+
+
+# -- the estimator a threshold was calibrated for ------------------------------------
+
+
+async def edge_scored_by_another_estimator(stack: Stack) -> tuple[str, str]:
+    """An edge whose answers another estimator scores 0.8 (``fixed_0.8``), and a cloud."""
+    from tests.support.stack import FixedEstimator
+
+    edge_server = await stack.node("edge", tiny_backend(seed=0), estimator=FixedEstimator(0.8))
+    cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
+    return edge_server.address, cloud_server.address
+
+
+CALIBRATED = {"min_confidence": 0.5, "estimator": "gain"}
+
+
+async def test_an_edge_answer_from_another_estimator_is_not_cached(stack):
+    """policy.estimator: "gain" — 0.8 on another estimator's scale says nothing
+    about the bar, so a request that accepts any answer (min_confidence 0) gets
+    it, but the cache, which serves everyone, must not keep it."""
+    edge, cloud = await edge_scored_by_another_estimator(stack)
+    await stack.router([edge], [cloud], policy=CALIBRATED)
+    lenient = await stack.stub.Generate(ask(min_confidence=0.0, tenant="scale"), timeout=30)
+    assert lenient.tier == router_pb2.TIER_EDGE and lenient.estimator == "fixed_0.8"
+    assert (await status(stack.stub)).cache_entries == 0
+    default = await stack.stub.Generate(ask(tenant="scale"), timeout=30)
+    assert default.tier == router_pb2.TIER_CLOUD  # judged like a fresh edge answer
+    assert "calibrated for 'gain'" in default.escalation_reason
+
+
+async def test_a_cached_edge_answer_from_another_estimator_is_not_served(stack, redis_prefix):
+    """An entry stored under a policy without an estimator (another router on
+    the shared Redis, or before a reload) is not served once one is set."""
+    edge, cloud = await edge_scored_by_another_estimator(stack)
+    cache = {"url": REDIS_URL, "key_prefix": redis_prefix, "ttl_s": 60}
+    any_scale = {"min_confidence": 0.5}
+    before = await stub_for(
+        stack, await stack.router([edge], [cloud], cache=cache, policy=any_scale)
+    )
+    stored = await before.Generate(ask(min_confidence=0.0, tenant="scale"), timeout=30)
+    assert stored.tier == router_pb2.TIER_EDGE
+    assert (await before.Generate(ask(tenant="scale"), timeout=30)).tier == router_pb2.TIER_CACHE
+    after = await stub_for(
+        stack, await stack.router([edge], [cloud], cache=cache, policy=CALIBRATED)
+    )
+    # A request that accepts any answer may still have it from the cache...
+    lenient = await after.Generate(ask(min_confidence=0.0, tenant="scale"), timeout=30)
+    assert lenient.tier == router_pb2.TIER_CACHE and lenient.source_tier == router_pb2.TIER_EDGE
+    # ... but a default one is judged as judge_edge would judge a fresh answer.
+    default = await after.Generate(ask(tenant="scale"), timeout=30)
+    assert default.tier == router_pb2.TIER_CLOUD
+    assert "calibrated for 'gain'" in default.escalation_reason

@@ -5,16 +5,20 @@ tiny model slowed on the node side (CountingBackend.delay_s)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import grpc
 
 from tests.support.router_stack import start_router, target
 from tests.support.stack import (
     CountingBackend,
+    PacedBackend,
     Stack,
     ask,
     cloud_backend,
+    collect,
     status_code,
 )
 from tests.support.tiny_models import tiny_backend
@@ -111,3 +115,48 @@ async def test_a_rule_sets_a_deadline_for_the_requests_it_matches(stack):
     assert r.escalation_code == router_pb2.ESCALATION_CODE_DEADLINE and edge.calls == 0
     batch = await stack.stub.Generate(ask(min_confidence=0.0, tenant="batch"), timeout=30)
     assert batch.tier == router_pb2.TIER_EDGE and edge.calls == 1  # no rule, no deadline
+
+
+# -- identical requests with different deadlines share one run ---------------------
+
+
+async def test_a_shorter_deadline_does_not_cut_the_answer_an_identical_request_waits_for(stack):
+    """A (0.5 s) leads the flight; B, identical and without a deadline, joins it.
+    The cloud takes 1 s: A gets DEADLINE_EXCEEDED, and B still gets its answer."""
+    cloud = CountingBackend(cloud_backend(), delay_s=1.0)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router([], [cloud_server.address])
+    hasty = asyncio.ensure_future(
+        status_code(stack.stub.Generate(ask(tenant="shared"), timeout=0.5))
+    )
+    await asyncio.sleep(0.2)  # A's run is in flight: B joins it
+    patient = await asyncio.wait_for(stack.stub.Generate(ask(tenant="shared")), 30)
+    code, _ = await hasty
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert patient.tier == router_pb2.TIER_CLOUD and patient.text
+    assert cloud.calls == 2  # A's run (cut at A's deadline), then B's own
+
+
+async def test_a_stream_that_shared_a_run_cut_by_another_deadline_restarts(stack):
+    """B streams the deltas of A's run; when A's deadline cuts it, B is told to
+    discard them (Restart, code DEADLINE) and receives a whole answer of its own."""
+    cloud = PacedBackend(cloud_backend(), delta_delay_s=0.3)  # 4 deltas: 1.2 s
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    await stack.router([], [cloud_server.address])
+    hasty = asyncio.ensure_future(
+        status_code(collect(stack.stub.GenerateStream(ask(tenant="shared"), timeout=0.8)))
+    )
+    await asyncio.sleep(0.2)
+    events, final = await asyncio.wait_for(
+        collect(stack.stub.GenerateStream(ask(tenant="shared"))), 30
+    )
+    # A's own stream was cut at its deadline after text was sent: it ends as any
+    # cut cloud stream does (UNAVAILABLE, router.streaming), before the client's deadline.
+    assert (await hasty)[0] in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    restarts = [i for i, e in enumerate(events) if isinstance(e, router_pb2.Restart)]
+    assert len(restarts) == 1 and restarts[0] > 0  # after A's run's deltas
+    restart: Any = events[restarts[0]]
+    assert restart.escalation_code == router_pb2.ESCALATION_CODE_DEADLINE
+    assert final is not None and final.tier == router_pb2.TIER_CLOUD
+    assert "".join(events[restarts[0] + 1 :]) == final.text
+    assert "restarted" in final.flags and cloud.calls == 2

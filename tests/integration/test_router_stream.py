@@ -17,6 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
+from router.budgets import Budgets, MemoryBudgetStore
+from router.guard_settings import BudgetSettings
+from router.policy import estimate_prompt_tokens
 from tests.support.stack import (
     CountingBackend,
     PacedBackend,
@@ -27,6 +30,7 @@ from tests.support.stack import (
     collect,
 )
 from tests.support.tiny_models import tiny_backend
+from tidegate.chat import ChatMessage, SamplingParams
 from tidegate.v1 import router_pb2
 
 # Long enough that a busy CPU (tests run side by side on 2 cores) never makes a
@@ -243,3 +247,67 @@ async def test_streams_reserve_the_budget_and_settle_their_real_usage(stack):
     status = await stack.stub.Status(router_pb2.StatusRequest(), timeout=10)
     day = next(b for b in status.budgets if b.tenant == "acme" and b.window == "day")
     assert day.remaining == limit - spent  # settled with what the streams really used
+
+
+def reservation(request: router_pb2.GenerateRequest, max_new_tokens: int = 16) -> int:
+    """What the router reserves for a cloud call of ``request`` that may
+    generate ``max_new_tokens`` (default budget settings)."""
+    prompt = estimate_prompt_tokens([ChatMessage.from_pb(m) for m in request.messages])
+    return Budgets(BudgetSettings(), MemoryBudgetStore()).estimate(prompt, max_new_tokens)
+
+
+async def settled_usage(stack: Stack, tenant: str, limit: int, reserved: int) -> int:
+    """The tenant's day usage once the stream's reservation was settled (the
+    router settles it when the cut or the cancellation reaches it)."""
+    for _ in range(100):
+        status = await stack.stub.Status(router_pb2.StatusRequest(), timeout=10)
+        day = next(b for b in status.budgets if b.tenant == tenant and b.window == "day")
+        used = limit - day.remaining
+        if used != reserved:
+            return used
+        await asyncio.sleep(0.1)
+    return reserved
+
+
+async def test_a_stream_the_client_cuts_off_is_charged_for_the_text_it_received(stack):
+    """Sampled streams are not coalesced, so a client that hangs up before the
+    final message must not get the streamed text for free."""
+    cloud = PacedBackend(cloud_backend(), stall_after=3, stall_s=30)  # no final message
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    limit = 100_000
+    await stack.router(
+        [],
+        [cloud_server.address],
+        budgets={"tenants": [{"tenant": "acme", "cloud_tokens_per_day": limit}]},
+    )
+    sampling = SamplingParams(max_new_tokens=16, temperature=0.8, seed=7)
+    request = ask(tenant="acme", sampling=sampling)
+    call = stack.stub.GenerateStream(request, timeout=30)
+    deltas = []
+    async for event in call:
+        deltas.append(event.delta)
+        if len(deltas) == 3:
+            break  # every delta the node sent; hang up before the final message
+    call.cancel()
+    used = await settled_usage(stack, "acme", limit, reservation(request))
+    # The prompt as reserved and at least a token per delta; not the 16 it could have had.
+    assert reservation(request, len(deltas)) <= used < reservation(request)
+
+
+async def test_a_cloud_stream_cut_after_deltas_is_charged_for_the_text_it_sent(stack):
+    cloud = PacedBackend(cloud_backend(), cut_after=2)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
+    limit = 100_000
+    await stack.router(
+        [],
+        [cloud_server.address],
+        budgets={"tenants": [{"tenant": "acme", "cloud_tokens_per_day": limit}]},
+    )
+    request = ask(tenant="acme")
+    deltas: list[str] = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for event in stack.stub.GenerateStream(request, timeout=30):
+            deltas.append(event.delta)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and len(deltas) == 2
+    used = await settled_usage(stack, "acme", limit, reservation(request))
+    assert reservation(request, len(deltas)) <= used < reservation(request)

@@ -27,8 +27,12 @@ POLICY = PolicySettings(
 )
 
 
-def facts(prompt: int = 10, new: int = 32, threshold: float = 0.5) -> RequestFacts:
-    return RequestFacts(prompt_tokens=prompt, max_new_tokens=new, threshold=threshold)
+def facts(
+    prompt: int = 10, new: int = 32, threshold: float = 0.5, estimator: str | None = None
+) -> RequestFacts:
+    return RequestFacts(
+        prompt_tokens=prompt, max_new_tokens=new, threshold=threshold, estimator=estimator
+    )
 
 
 def signal(conf: float | None = 0.9, finish: FinishReason | None = FinishReason.STOP):
@@ -139,15 +143,28 @@ def test_missing_confidence_escalates_unless_threshold_zero():
 # -- serving rule --------------------------------------------------------------
 
 
+def serves(tier: Tier, conf: float, threshold: float, estimator: str | None = None) -> bool:
+    return may_serve_cached(tier, conf, "fixed", facts(threshold=threshold, estimator=estimator))
+
+
 def test_cached_cloud_answer_meets_any_threshold():
-    assert may_serve_cached(Tier.CLOUD, 1.0, 1.0)
-    assert may_serve_cached(Tier.CLOUD, 0.0, 1.0)
+    assert serves(Tier.CLOUD, 1.0, 1.0)
+    assert serves(Tier.CLOUD, 0.0, 1.0)
+    assert may_serve_cached(Tier.CLOUD, 1.0, "", facts(threshold=1.0, estimator="gain"))
 
 
 def test_cached_edge_answer_needs_its_confidence_to_meet_the_threshold():
-    assert may_serve_cached(Tier.EDGE, 0.8, 0.8)
-    assert may_serve_cached(Tier.EDGE, 0.8, 0.5)
-    assert not may_serve_cached(Tier.EDGE, 0.8, 0.9)
+    assert serves(Tier.EDGE, 0.8, 0.8)
+    assert serves(Tier.EDGE, 0.8, 0.5)
+    assert not serves(Tier.EDGE, 0.8, 0.9)
+
+
+def test_cached_edge_answer_scored_by_another_estimator_is_served_as_judge_edge_keeps():
+    # Thresholds calibrated for "gain": a "fixed" score is on another scale, so
+    # it meets no threshold above 0 (judge_edge escalates those), only 0.
+    assert serves(Tier.EDGE, 0.8, 0.8, estimator="fixed")
+    assert not serves(Tier.EDGE, 0.8, 0.5, estimator="gain")
+    assert serves(Tier.EDGE, 0.8, 0.0, estimator="gain")
 
 
 # -- admission -----------------------------------------------------------------
@@ -160,8 +177,12 @@ def refusal(
     sampled=False,
     threshold=0.5,
     cache_sampled=False,
+    estimator="seq_prob",
+    policy=POLICY,
 ):
-    return admission_refusal(tier, conf, finish, sampled, threshold, POLICY, cache_sampled)
+    return admission_refusal(
+        tier, conf, estimator, finish, sampled, threshold, policy, cache_sampled
+    )
 
 
 def test_confident_complete_greedy_answers_are_admitted():
@@ -194,3 +215,17 @@ def test_sampled_answers_are_refused_unless_policy_caches_them():
 
 def test_edge_answer_without_confidence_is_refused():
     assert refusal(conf=None) is not None
+
+
+def test_edge_answer_scored_by_another_estimator_is_refused():
+    """policy.estimator set: a score from another estimator says nothing about
+    the cache bar (the policy's min_confidence is on that estimator's scale)."""
+    gain = PolicySettings(min_confidence=0.5, estimator="gain")
+    reason = refusal(conf=0.8, threshold=0.0, estimator="seq_prob", policy=gain)
+    assert reason is not None and "calibrated for 'gain'" in reason
+    assert refusal(conf=0.8, threshold=0.0, estimator="gain", policy=gain) is None
+    assert refusal(tier=Tier.CLOUD, conf=1.0, estimator="", policy=gain) is None
+    # With no bar at all (policy and request at 0), judge_edge keeps any
+    # estimator's answer, and so may the cache.
+    no_bar = PolicySettings(min_confidence=0.0, estimator="gain")
+    assert refusal(conf=0.8, threshold=0.0, estimator="seq_prob", policy=no_bar) is None
