@@ -9,6 +9,8 @@ a model, what those changes alter; ``guard_refusal`` compares two questions:
 * negation markers (not, no, never, without, n't, …), as a multiset;
 * numbers, digits and number words in one spelling ("17" = "seventeen",
   "1,000" = "1000"; ordinals too), as a multiset;
+* operator symbols (``+ - * / = < > ^ % & |``, ``!=``: "3 + 5" is not "3 * 5",
+  though its words and numbers are), as a multiset;
 * named entities: the words capitalised (after the first word) in either
   question, in the order they appear in each;
 * direction and comparison words (before/after, more/less, from, …);
@@ -25,6 +27,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+# A hyphen between letters joins a word ("well-known"); anywhere else it is minus.
+_OPERATOR = re.compile(r"!=|[+*/×÷=<>^%&|]|(?<![A-Za-z])-(?![A-Za-z])")
 _TOKEN = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*(?:st|nd|rd|th)?|[A-Za-z]+(?:['’][A-Za-z]+)*")
 
 NEGATIONS = {
@@ -103,6 +107,7 @@ class QuestionFeatures:
 
     negations: Counter[str]
     numbers: Counter[str]
+    operators: Counter[str]
     polarity: Counter[str]
     capitalised: frozenset[str]  # content words capitalised after the first word
     content: tuple[str, ...]  # content and direction words, in order
@@ -184,7 +189,10 @@ def features(text: str) -> QuestionFeatures:
             capitalised.add(stem)
         content.append(stem)
     end_number()
-    return QuestionFeatures(negations, numbers, polarity, frozenset(capitalised), tuple(content))
+    operators = Counter(_OPERATOR.findall(text))
+    return QuestionFeatures(
+        negations, numbers, operators, polarity, frozenset(capitalised), tuple(content)
+    )
 
 
 def _entities(question: QuestionFeatures, names: frozenset[str]) -> list[str]:
@@ -197,6 +205,8 @@ def guard_refusal(a: QuestionFeatures, b: QuestionFeatures) -> str | None:
         return "negation differs"
     if a.numbers != b.numbers:
         return "numbers differ"
+    if a.operators != b.operators:
+        return "operators differ"
     # Names are recognised by their capital in either question, so a question
     # typed in lower case still matches its capitalised twin.
     names = a.capitalised | b.capitalised

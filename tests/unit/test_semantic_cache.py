@@ -74,7 +74,7 @@ def index(
 def test_the_test_set_is_large_and_covers_every_kind_of_near_miss():
     kinds = {kind for kind, _, _ in NEVER}
     assert len(NEVER) >= 30 and len(SHOULD) >= 10
-    assert {"negation", "number", "entity", "one_word", "direction", "order"} <= kinds
+    assert {"negation", "number", "operator", "entity", "one_word", "direction", "order"} <= kinds
 
 
 @pytest.mark.parametrize("kind,stored,asked", NEVER, ids=[f"{k}:{a}" for k, _, a in NEVER])
@@ -261,6 +261,9 @@ def test_guards_name_what_differs():
     assert why("Is it safe?", "Is it not safe?") == "negation differs"
     assert why("What is 2+2?", "What is two plus two?") != "numbers differ"
     assert why("What is 2+2?", "What is 2+3?") == "numbers differ"
+    assert why("What is 3 + 5?", "What is 3 * 5?") == "operators differ"
+    assert why("What is 3-5?", "What is 3 - 5?") is None  # minus, however spaced
+    assert why("Is it well-known?", "Is it well known?") is None  # a hyphenated word
     assert why("Capital of France?", "Capital of Spain?") == "named entities differ"
     assert why("Rest before running?", "Rest after running?") == (
         "direction or comparison words differ"
