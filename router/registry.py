@@ -215,6 +215,20 @@ redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 """
 
+# KEYS[1] = the set of registered names; ARGV[1] = the hashes' key prefix, then
+# names whose hash was found expired: each leaves the set only if its hash is still
+# missing (an edge may have registered again since; left in the set, its lease
+# would be renewed by heartbeats but never listed again).
+_FORGET_EXPIRED = """
+local removed = 0
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then
+    removed = removed + redis.call('SREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
+"""
+
 
 class RedisRegistry:
     """Leases in Redis, shared by router replicas: a hash per edge
@@ -231,6 +245,7 @@ class RedisRegistry:
         self._register = client.register_script(_REGISTER)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._deregister = client.register_script(_DEREGISTER)
+        self._forget = client.register_script(_FORGET_EXPIRED)
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str, ttl_s: float, max_edges: int) -> RedisRegistry:
@@ -299,8 +314,12 @@ class RedisRegistry:
             else:
                 gone.append(name)  # its hash expired: the edge went silent
         if gone:
-            await self._redis.srem(self._index, *gone)
+            await self.forget_expired(gone)
         return records
+
+    async def forget_expired(self, names: list[str]) -> int:
+        """Drop from the index those of ``names`` whose lease is (still) gone."""
+        return int(await self._forget(keys=[self._index], args=[f"{self.key_prefix}edge:", *names]))
 
     async def close(self) -> None:
         await self._redis.aclose()

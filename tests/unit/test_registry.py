@@ -160,6 +160,23 @@ async def test_redis_leases_expire_and_leave_the_index():
         await _drop_prefix(prefix)
 
 
+async def test_an_edge_registered_again_while_another_replica_prunes_stays_listed():
+    """Replica A reads e1's lease as expired; e1 registers again (through B) before A
+    drops it from the index: A must not drop it, or e1 would never be listed again."""
+    prefix = f"tidegate-test:{uuid.uuid4().hex}:"
+    store = RedisRegistry.from_url(REDIS_URL, prefix, ttl_s=30, max_edges=8)
+    try:
+        await store.register(record())  # e1, just (re-)registered
+        assert await store.forget_expired(["e1"]) == 0  # A's stale verdict
+        assert [r.name for r in await store.live()] == ["e1"]
+        assert await store.heartbeat("e1", "i1", 0, 0)
+        assert await store.deregister("e1", "i1")
+        assert await store.forget_expired(["e1"]) == 0  # already gone from the index
+    finally:
+        await store.close()
+        await _drop_prefix(prefix)
+
+
 async def test_two_redis_stores_share_leases():
     """Router replicas: a lease written through one is seen and renewed through another."""
     prefix = f"tidegate-test:{uuid.uuid4().hex}:"
