@@ -97,7 +97,7 @@ class PolicySettings(StrictModel):
 
     # Calibrated (README "Confidence"): the default edge's gain estimator on the dev
     # set's calib split, for ≤ 25% escalation; router/default_policy.yaml says the same.
-    min_confidence: float = Field(default=0.3905, ge=0.0, le=1.0)
+    min_confidence: float = Field(default=0.3835, ge=0.0, le=1.0)
     """Keep the edge answer when its confidence is at least this; requests may
     override it (GenerateRequest.min_confidence). Also the bar an edge answer
     must meet to be cached, whatever the request's own threshold. The default is
