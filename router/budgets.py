@@ -77,10 +77,15 @@ class BudgetExceeded(ResourceExhausted):
         self.used = used
         self.needed = needed
         what = "request" if window.unit == "requests" else "cloud token"
+        when = (
+            f"more than the whole {window.name} allows: no wait will do (raise the budget "
+            "or ask for fewer tokens)"
+            if needed > limit
+            else f"the window resets in {math.ceil(resets_in_s)} s"
+        )
         super().__init__(
             f"tenant {tenant!r} is over its {window.setting} budget: {used} of {limit} "
-            f"{what}s used this {window.name}, this request needs {needed}; "
-            f"the window resets in {math.ceil(resets_in_s)} s"
+            f"{what}s used this {window.name}, this request needs {needed}; {when}"
         )
 
 

@@ -90,6 +90,12 @@ def _finish_reason(value: int) -> FinishReason | None:
         return None
 
 
+def _score(value: float) -> float | None:
+    """A node's confidence, if it is one: NaN or a number outside [0, 1] (a faulty
+    or foreign node) counts as no score, which the policy escalates."""
+    return value if 0.0 <= value <= 1.0 else None
+
+
 def _answer_from_pb(pb: model_node_pb2.NodeGenerateResponse, node: str) -> NodeAnswer:
     has_confidence = pb.HasField("confidence")
     return NodeAnswer(
@@ -99,7 +105,7 @@ def _answer_from_pb(pb: model_node_pb2.NodeGenerateResponse, node: str) -> NodeA
         completion_tokens=pb.usage.completion_tokens,
         model=pb.model,
         node=node,
-        confidence=pb.confidence.score if has_confidence else None,
+        confidence=_score(pb.confidence.score) if has_confidence else None,
         estimator=pb.confidence.estimator if has_confidence else "",
     )
 

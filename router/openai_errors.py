@@ -64,7 +64,8 @@ def http_error(exc: TidegateError) -> HttpError:
         headers["retry-after"] = str(
             max(1, math.ceil(window.seconds - time.time() % window.seconds))
         )
-        if window.seconds > 60:
+        if window.seconds > 60 or exc.needed > exc.limit:
+            # Nor is a request that costs more than the whole window allows.
             headers["x-should-retry"] = "false"
     param = exc.param if isinstance(exc, BadRequest) else None
     return HttpError(status, error_body(str(exc), type_, code, param), headers)

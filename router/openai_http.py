@@ -141,10 +141,10 @@ class OpenAIHttp:
                 return await self._stream(route, parsed.model, include_usage, deadline, ids)
             async with asyncio.timeout_at(deadline):
                 result = await self.pipeline.generate(route, deadline)
+            body = schema.completion(result, parsed.model, int(time.time()))
+            return _json_response(body, headers={**ids, **schema.provenance_headers(result)})
         except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
             return self._error(self._past_deadline(exc, deadline), ids)
-        body = schema.completion(result, parsed.model, int(time.time()))
-        return _json_response(body, headers={**ids, **schema.provenance_headers(result)})
 
     # -- streaming -----------------------------------------------------------
 
@@ -258,9 +258,20 @@ class OpenAIHttp:
                     f"the request body is over {self.max_body_bytes} bytes (http.max_body_bytes)"
                 )
         try:
-            return json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise errors.BadRequest(f"the request body is not valid JSON: {exc}") from exc
+            body = json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise errors.BadRequest(f"the request body is not valid JSON: {reason}") from exc
+        try:
+            # JSON may spell a lone UTF-16 surrogate ("\ud800"), which is no text at
+            # all: it would fail later, wherever the text is encoded (a 500).
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise errors.BadRequest(
+                "the request body's text is not valid Unicode (a lone surrogate escape such "
+                f"as \\ud800 at character {exc.start} of a string)"
+            ) from exc
+        return body
 
     def _past_deadline(self, exc: BaseException, deadline: float | None) -> BaseException:
         """Whatever failed once the deadline has passed failed because of it

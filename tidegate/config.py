@@ -139,6 +139,8 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid UTF-8: {exc}") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        except RecursionError as exc:  # PyYAML's parser recurses per nesting level
+            raise ConfigError(f"config file {path} is nested too deeply to be a config") from exc
         if loaded is None:
             if not allow_empty:
                 raise EmptyConfigError(

@@ -193,3 +193,19 @@ def test_budget_settings_validation():
         BudgetSettings.model_validate({"tenants": [{"tenant": "a"}, {"tenant": "a"}]})
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         BudgetSettings.model_validate({"default": {"cloud_tokens_per_minute": 0}})
+
+
+def test_a_429_says_whether_waiting_can_help():
+    from router.budgets import DAY, MINUTE
+    from router.openai_errors import http_error
+
+    soon = http_error(BudgetExceeded("acme", MINUTE, 100, 80, 40, 12.0))
+    assert soon.status == 429 and "x-should-retry" not in soon.headers
+    assert 1 <= int(soon.headers["retry-after"]) <= 60
+    never = BudgetExceeded("acme", MINUTE, 100, 0, 120, 12.0)  # more than the whole minute
+    assert http_error(never).headers["x-should-retry"] == "false"
+    assert "no wait will do" in str(never) and "resets in" not in str(never)
+    assert (
+        http_error(BudgetExceeded("acme", DAY, 10**6, 10**6, 5, 99.0)).headers["x-should-retry"]
+        == "false"
+    )

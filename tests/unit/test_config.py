@@ -80,3 +80,12 @@ def test_a_bad_override_is_blamed_on_the_environment() -> None:
 def test_every_settings_field_is_documented() -> None:
     for name, field in ModelSettings.model_fields.items():
         assert field.description, f"ModelSettings.{name} has no docstring"
+
+
+def test_a_config_nested_too_deeply_is_a_config_error(tmp_path):
+    from router.settings import RouterSettings
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(RouterSettings, deep)

@@ -65,3 +65,16 @@ async def test_a_probe_cut_short_by_the_node_leaving_reports_it_and_never_cancel
     assert cut >= 1  # the race was really exercised
     assert (await node.probe()).healthy  # a fresh channel once asked again
     await node.close()
+
+
+@pytest.mark.parametrize("score", [float("nan"), 1.5, -0.1])
+def test_a_score_that_is_no_probability_counts_as_none(score):
+    from router.nodes import _answer_from_pb
+    from tidegate.v1 import common_pb2, model_node_pb2
+
+    reply = model_node_pb2.NodeGenerateResponse(
+        text="x", confidence=common_pb2.Confidence(score=score, estimator="gain")
+    )
+    assert _answer_from_pb(reply, "e").confidence is None  # judged as no score: escalated
+    reply.confidence.score = 0.7
+    assert _answer_from_pb(reply, "e").confidence == pytest.approx(0.7)
