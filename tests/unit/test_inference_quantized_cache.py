@@ -132,3 +132,48 @@ def test_caches_are_keyed_by_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
     assert quantized_cache.entry_dir(tmp_path, "m@x", "int4") != entry
     assert compiled_step.package_path(tmp_path, "m@x", "int4", 2) != package
+
+
+def test_a_full_disk_only_costs_the_cache(tmp_path):
+    """safetensors reports a failed write as its own SafetensorError, not an OSError:
+    the start must still go on (in a child whose files may not grow past 4 KB)."""
+    import subprocess
+    import sys
+
+    folder = _folder(tmp_path)
+    child = f"""
+import logging, resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+logging.basicConfig(level=logging.WARNING)
+from tidegate.config import ModelSettings
+from tidegate.inference.prepare import prepare_model
+prepared = prepare_model(ModelSettings(source={str(folder)!r}, quantization="int4",
+                                       cache_dir={str(tmp_path / "cache")!r}, compile="off"))
+print("served", type(prepared.model).__name__)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "served" in done.stdout
+    assert "could not cache quantized weights" in done.stderr
+
+
+def test_an_entry_with_another_layout_is_made_again(tmp_path, caplog):
+    """Tensors of the right names but another shape (another group size, say) are
+    not this model's: the entry is refused and remade, never loaded half-fitting."""
+    cache = tmp_path / "cache"
+    folder = _folder(tmp_path)
+    first = prepare_model(_settings(folder, cache))
+    entry = quantized_cache.entry_dir(cache, first.model_id, "int4")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(entry / "weights.safetensors"))
+    name = next(n for n in tensors if n.endswith("down_proj.weight_int4"))
+    tensors[name] = tensors[name][:, : tensors[name].shape[1] // 2].contiguous()
+    save_file(tensors, str(entry / "weights.safetensors"))
+    again = prepare_model(_settings(folder, cache))
+    assert not again.from_quantized_cache
+    assert "in the cache but" in caplog.text
+    torch.testing.assert_close(_logits(again.model), _logits(first.model), atol=0, rtol=0)

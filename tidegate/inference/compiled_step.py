@@ -231,7 +231,13 @@ def attach(decoder: StaticDecoder, settings: Any, model_id: str, root: Path) -> 
             log.warning("rebuilding the compiled step: %s could not be loaded: %s", target, exc)
             target.unlink(missing_ok=True)
     child_settings = settings.model_copy(update={"compile": "off", "threads": threads})
-    child = _build_in_child(child_settings.model_dump_json(), target, threads)
+    try:
+        child = _build_in_child(child_settings.model_dump_json(), target, threads)
+    except OSError as exc:  # a read-only or full cache: serve uncompiled, as on any failure
+        decoder.compile_error = f"{type(exc).__name__}: {exc}"
+        decoder.compile_done.set()
+        log.warning("cannot build the compiled step in %s (%s); decoding uncompiled", target, exc)
+        return
     decoder.build_process = child
     log.info("compiling the decode step in the background (pid %d) → %s", child.pid, target)
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -65,10 +66,18 @@ def _memo_sha256(path: Path, root: Path) -> str:
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     memo = root / ".sha256" / hashlib.sha256(key.encode()).hexdigest()
     if memo.is_file():
-        return memo.read_text().strip()
+        remembered = memo.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{64}", remembered):  # not a write cut short
+            return remembered
     digest = sha256_file(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest)
+    partial = memo.with_name(f".{memo.name}.partial-{os.getpid()}")
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(digest)
+        os.replace(partial, memo)  # whole or not at all
+    except OSError as exc:  # a read-only or full cache: hash again next time
+        partial.unlink(missing_ok=True)
+        log.warning("could not remember the sha256 of %s in %s: %s", path, memo, exc)
     return digest
 
 

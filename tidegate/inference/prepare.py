@@ -158,7 +158,9 @@ def prepare_model(
             quantized_cache.store(
                 model, entry, {"model": loaded.model_id, "quantization": settings.quantization}
             )
-        except OSError as exc:  # a read-only cache only costs the next start its quantization
+        # A read-only or full cache only costs the next start its quantization
+        # (safetensors reports a full disk as its own SafetensorError, not OSError).
+        except Exception as exc:  # noqa: BLE001
             log.warning("could not cache quantized weights in %s: %s", entry, exc)
     return PreparedModel(
         model=model,

@@ -96,6 +96,13 @@ def store(model: nn.Module, target: Path, origin: dict[str, Any]) -> None:
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
+    current = owner._parameters.get(attr, owner._buffers.get(attr))
+    if current is not None and (current.shape != tensor.shape or current.dtype != tensor.dtype):
+        # Written by other code (another group size, another layout): not this model's.
+        raise ValueError(
+            f"{name} is {tuple(tensor.shape)} {tensor.dtype} in the cache but "
+            f"{tuple(current.shape)} {current.dtype} in the model"
+        )
     if attr in owner._parameters:
         owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     elif attr in owner._buffers:
