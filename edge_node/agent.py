@@ -55,6 +55,8 @@ RECONNECT_OPTIONS = [
 ]
 # Codes that mean "the router is away" rather than "the router said no".
 AWAY_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# A heartbeat answered so: the router no longer holds this edge's lease.
+FORGOTTEN = grpc.StatusCode.NOT_FOUND
 
 
 class MeteredBackend:
@@ -220,8 +222,11 @@ class RegistrationAgent:
             metadata=self._metadata,
         )
 
-    def _failed(self, exc: grpc.aio.AioRpcError, doing: str) -> None:
+    def _failed(self, exc: Exception, doing: str) -> None:
         self.state.registered = False
+        if not isinstance(exc, grpc.aio.AioRpcError):
+            self._broke(exc, doing)
+            return
         detail = f"{doing}: {exc.code().name}: {exc.details()}"
         if exc.code() in AWAY_CODES:
             self.lost(detail)
@@ -236,7 +241,6 @@ class RegistrationAgent:
         send (an illegal metadata value raises cygrpc's ExecuteBatchError). Left
         uncaught it would end the task silently and the edge would never
         register; log it with its traceback, and retry."""
-        self.state.registered = False
         log.error(
             "edge agent: %s with router %s failed unexpectedly (retrying with backoff)",
             doing,
@@ -251,12 +255,8 @@ class RegistrationAgent:
         while True:
             try:
                 interval = await self._contact()
-            except grpc.aio.AioRpcError as exc:
-                self._failed(exc, doing)
-                await asyncio.sleep(backoff.next_delay())
-                continue
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any error
-                self._broke(exc, doing)
+                self._failed(exc, doing)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
@@ -265,8 +265,8 @@ class RegistrationAgent:
                 await asyncio.sleep(interval)
                 try:
                     await self._renew()
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() is grpc.StatusCode.NOT_FOUND:
+                except Exception as exc:  # noqa: BLE001 - as above: log, back off, register again
+                    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() is FORGOTTEN:
                         log.info(
                             "router %s forgot this edge (%s); registering again",
                             self.settings.router,
@@ -276,10 +276,6 @@ class RegistrationAgent:
                     else:
                         self._failed(exc, "heartbeat")
                         await asyncio.sleep(backoff.next_delay())
-                    break
-                except Exception as exc:  # noqa: BLE001 - as above: log, back off, register again
-                    self._broke(exc, "heartbeat")
-                    await asyncio.sleep(backoff.next_delay())
                     break
                 self._reachable()
 

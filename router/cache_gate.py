@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import replace
+from typing import TypeVar
 
 from router import provenance
 from router.cache import CacheEntry, EmbeddedCache, ResponseCache
@@ -30,6 +32,19 @@ from router.semantic_cache import SemanticIndex
 from router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+async def _best_effort(work: Awaitable[T], failed: str) -> T | None:
+    """``work``'s result, or None when it fails (logged as ``failed``): the caches
+    are an optimisation, so their failures are misses, never the request's error."""
+    try:
+        return await work
+    except Exception as exc:  # noqa: BLE001
+        log.warning("%s: %s", failed, exc)
+        return None
+
 
 # How often the router may re-ask a tier's nodes for their model (Info) while it
 # knows none of them: a lookup must not probe dead nodes on every request.
@@ -68,7 +83,9 @@ class CacheGate:
         entry = await self._get(plan.key)
         semantic = False
         if entry is None and self.semantic is not None:
-            key = await self._find_similar(plan)
+            key = await _best_effort(
+                self.semantic.find(plan), "semantic cache lookup failed, answering without it"
+            )
             entry = await self._get(key) if key is not None else None
             semantic = entry is not None
         if (
@@ -129,10 +146,7 @@ class CacheGate:
             log.warning("cache store failed: %s", exc)
             return
         if self.semantic is not None:
-            try:
-                await self.semantic.add(plan)
-            except Exception as exc:  # noqa: BLE001 - the answer is stored; only indexing failed
-                log.warning("semantic cache indexing failed: %s", exc)
+            await _best_effort(self.semantic.add(plan), "semantic cache indexing failed")
 
     async def close(self) -> None:
         if self.semantic is not None:
@@ -149,21 +163,7 @@ class CacheGate:
 
     async def _get(self, key: str) -> CacheEntry | None:
         assert self.cache is not None
-        try:
-            return await self.cache.get(key)
-        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation
-            log.warning("cache lookup failed, answering without it: %s", exc)
-            return None
-
-    async def _find_similar(self, plan: Plan) -> str | None:
-        """The semantic index's match for the plan; like the exact cache, a
-        failure (the embedding thread, the model) is a miss, not an error."""
-        assert self.semantic is not None
-        try:
-            return await self.semantic.find(plan)
-        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation
-            log.warning("semantic cache lookup failed, answering without it: %s", exc)
-            return None
+        return await _best_effort(self.cache.get(key), "cache lookup failed, answering without it")
 
     async def _entry_is_current(self, entry: CacheEntry) -> bool:
         """Whether the model that produced ``entry`` still serves its tier.

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 # A client-chosen request id (X-Request-Id) is kept when it is this tame.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff in a JSON string
 TIMEOUT_HEADER = "x-tidegate-timeout"  # seconds; shortens http.request_timeout_s
 
 
@@ -264,8 +265,10 @@ class OpenAIHttp:
             raise errors.BadRequest(f"the request body is not valid JSON: {reason}") from exc
         try:
             # JSON may spell a lone UTF-16 surrogate ("\ud800"), which is no text at
-            # all: it would fail later, wherever the text is encoded (a 500).
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
+            # all: it would fail later, wherever the text is encoded (a 500). Checked
+            # only when the raw body escapes one (a pair is fine), not on every request.
+            if _SURROGATE_ESCAPE.search(data):
+                json.dumps(body, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
             raise errors.BadRequest(
                 "the request body's text is not valid Unicode (a lone surrogate escape such "

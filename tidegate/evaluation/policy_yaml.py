@@ -92,8 +92,7 @@ def apply_updates(text: str, updates: Sequence[ValueUpdate]) -> str:
         edits.append((line, update, node))
     # Bottom-up, so earlier line numbers stay valid; on one line, the value replaced in
     # place before a new key is inserted above it (which moves that line down).
-    in_place = {id(update): update.key in node for _, update, node in edits}
-    bottom_up = sorted(edits, key=lambda e: (e[0], in_place[id(e[1])]), reverse=True)
+    bottom_up = sorted(edits, key=lambda e: (e[0], e[1].key in e[2]), reverse=True)
     for _, update, node in bottom_up:
         if update.key in node:
             key_line, _ = node.lc.key(update.key)
