@@ -316,15 +316,17 @@ async def _handle(
             if sep:
                 headers[name.strip().lower()] = value.strip()
         path = target.split("?", 1)[0]
+        extra = ""
         if path != PATH:
             status, body, content_type = "404 Not Found", b"not found: try /metrics\n", "text/plain"
         elif method not in ("GET", "HEAD"):
             status, body, content_type = "405 Method Not Allowed", b"GET only\n", "text/plain"
+            extra = "Allow: GET, HEAD\r\n"
         else:
             body, content_type = await metrics.render(headers.get("accept", ""))
             status = "200 OK"
         writer.write(
-            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n{extra}"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1")
         )
         if method != "HEAD":

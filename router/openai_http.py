@@ -316,7 +316,8 @@ class OpenAIHttp:
             405: f"{request.method} is not allowed on {request.url.path}",
         }.get(exc.status_code, str(exc.detail))
         return self._send(
-            errors.HttpError(exc.status_code, errors.error_body(message, "invalid_request_error"))
+            errors.HttpError(exc.status_code, errors.error_body(message, "invalid_request_error")),
+            dict(exc.headers or {}),  # a 405 names the methods that are allowed (Allow)
         )
 
 

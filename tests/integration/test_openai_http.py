@@ -170,6 +170,9 @@ async def test_models_and_health(duo):
         assert health.status_code == 200 and health.json()["status"] == "ok"
         missing = await http.get("/v2/nothing")
         assert missing.status_code == 404 and "error" in missing.json()
+        wrong_method = await http.get("/v1/chat/completions")
+        assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+        assert wrong_method.headers["allow"] == "POST"
 
 
 async def test_unknown_model_is_404_model_not_found(duo):

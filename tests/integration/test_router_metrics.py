@@ -161,6 +161,7 @@ async def test_only_the_metrics_path_is_served_and_openmetrics_is_negotiated(sta
             url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}, timeout=10
         )
     assert missing.status_code == 404 and posted.status_code == 405
+    assert posted.headers["allow"] == "GET, HEAD"
     assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
     assert openmetrics.text.rstrip().endswith("# EOF")
 
