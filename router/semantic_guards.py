@@ -27,6 +27,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from tidegate.spoken_numbers import NUMBER_WORDS, words_to_digits
+
 # A hyphen between letters joins a word ("well-known"); anywhere else it is minus.
 _OPERATOR = re.compile(r"!=|[+*/×÷=<>^%&|]|(?<![A-Za-z])-(?![A-Za-z])")
 _TOKEN = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*(?:st|nd|rd|th)?|[A-Za-z]+(?:['’][A-Za-z]+)*")
@@ -70,13 +72,6 @@ POLARITY = frozenset(
     "within beyond".split()
 )
 
-_UNITS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
-    "fourteen fifteen sixteen seventeen eighteen nineteen"
-).split()
-_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)} | {w: 20 + 10 * i for i, w in enumerate(_TENS)}
-SCALES = {"hundred": 100, "thousand": 1_000, "million": 10**6, "billion": 10**9}
 ORDINALS = {
     w: f"{i + 1}th"
     for i, w in enumerate(
@@ -139,22 +134,13 @@ def features(text: str) -> QuestionFeatures:
     polarity: Counter[str] = Counter()
     capitalised: set[str] = set()
     content: list[str] = []
-    spoken: list[int] = []  # number words being read ("twenty three" → 23)
+    spoken: list[str] = []  # number words being read ("twenty three" → 23)
 
     def end_number() -> None:
-        if spoken:
-            total, current = 0, 0
-            for value in spoken:
-                if value in SCALES.values():
-                    if value == 100:
-                        current = max(current, 1) * 100
-                    else:
-                        total += max(current, 1) * value
-                        current = 0
-                else:
-                    current += value
-            numbers[str(total + current)] += 1
-            spoken.clear()
+        for word in words_to_digits(spoken):
+            if word != "and":  # "one and two": two numbers
+                numbers[word] += 1
+        spoken.clear()
 
     for index, raw in enumerate(_TOKEN.findall(text)):
         token = raw.replace("’", "'")
@@ -163,11 +149,9 @@ def features(text: str) -> QuestionFeatures:
             end_number()
             numbers[_number(lower)] += 1
             continue
-        if lower in NUMBER_WORDS or lower in SCALES:
-            spoken.append(NUMBER_WORDS.get(lower, SCALES.get(lower, 0)))
+        if lower in NUMBER_WORDS or (lower == "and" and spoken):
+            spoken.append(lower)  # "one hundred and five"
             continue
-        if lower == "and" and spoken:
-            continue  # "one hundred and five"
         end_number()
         if lower in ORDINALS:
             numbers[ORDINALS[lower]] += 1

@@ -25,6 +25,12 @@ def item(question: str, *answers: str, choices: dict[str, str] | None = None) ->
         ("7.86", "7.86"),
         ("It is -5.", "it is -5"),
         ("3022 - 908", "3022 908"),
+        ("one hundred one", "101"),
+        ("A hundred and five", "105"),
+        ("two thousand and twenty-six", "2026"),
+        ("one and two", "1 and 2"),  # side by side, not one number
+        ("It is .5", "it is 0.5"),
+        ("the 42nd", "42"),
     ],
 )
 def test_normalize(text, expected):
@@ -49,6 +55,13 @@ ARITH = "What is 4 + 9? Answer with just the number."
 )
 def test_numeric(reply, right):
     assert is_correct(item(ARITH, "13"), reply) is right
+
+
+def test_numbers_spelled_in_words_and_bare_decimals_are_read():
+    assert is_correct(item("What is 56 + 45?", "101"), "The answer is one hundred and one.")
+    assert not is_correct(item("What is 56 + 45?", "101"), "The answer is one hundred.")
+    assert is_correct(item("What is 1 / 2?", "0.5"), "It is .5")
+    assert not is_correct(item("What is 10 / 2?", "5"), "It is .5")
 
 
 def test_numeric_comparisons_take_the_first_number():

@@ -236,6 +236,8 @@ def test_unknown_model_fails_naming_the_field(tmp_path):
         ("What is seventeen times twenty-three?", {"17": 1, "23": 1}),
         ("one hundred and five", {"105": 1}),
         ("two thousand three hundred", {"2300": 1}),
+        ("Is one and two less than four?", {"1": 1, "2": 1, "4": 1}),
+        ("a hundred and one dalmatians", {"101": 1}),
         ("1,000 or 1000", {"1000": 2}),
         ("the 3rd and the third", {"3th": 2}),
         ("pi is 3.14", {"3.14": 1}),

@@ -6,9 +6,11 @@ Small models rarely answer with just the answer: they restate the question
 with the accepted ones, in three modes chosen by the item:
 
 **Normalisation** (every mode): Unicode accents dropped (NFKD), lower case,
-thousands separators dropped (``14,047`` → ``14047``), punctuation → spaces,
-the articles *a*, *an*, *the* dropped, number words → digits (``twenty-one`` →
-``21``, ``eight`` → ``8``), whitespace collapsed.
+thousands separators dropped (``14,047`` → ``14047``), ``.5`` → ``0.5``,
+ordinal suffixes dropped (``42nd`` → ``42``), punctuation → spaces, the articles
+*a*, *an*, *the* dropped, numbers in words → digits (``twenty-one`` → ``21``,
+``one hundred and one`` → ``101``; ``tidegate.spoken_numbers``), whitespace
+collapsed.
 
 1. **Multiple choice** (the item has ``choices``): the first option letter that
    stands alone (``B``, ``B.``, ``(B)``, ``Answer: B``, ``A is correct``; not the
@@ -46,15 +48,7 @@ import unicodedata
 from collections.abc import Sequence
 
 from tidegate.evaluation.dataset import EvalItem
-
-_UNITS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen "
-    "fourteen fifteen sixteen seventeen eighteen nineteen"
-).split()
-_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-NUMBER_WORDS: dict[str, int] = {w: i for i, w in enumerate(_UNITS)}
-NUMBER_WORDS.update({w: 20 + 10 * i for i, w in enumerate(_TENS)})
-NUMBER_WORDS["hundred"] = 100
+from tidegate.spoken_numbers import words_to_digits
 
 _ARTICLES = {"a", "an", "the"}
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
@@ -67,36 +61,19 @@ def strip_accents(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
-def _number_words_to_digits(words: list[str]) -> list[str]:
-    """``twenty one`` / ``twenty-one`` (already split) → ``21``; ``eight`` → ``8``."""
-    out: list[str] = []
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word in NUMBER_WORDS and word != "hundred":
-            value = NUMBER_WORDS[word]
-            nxt = words[i + 1] if i + 1 < len(words) else ""
-            if 20 <= value <= 90 and nxt in NUMBER_WORDS and NUMBER_WORDS[nxt] < 10:
-                value += NUMBER_WORDS[nxt]
-                i += 1
-            out.append(str(value))
-        else:
-            out.append(word)
-        i += 1
-    return out
-
-
 def normalize_words(text: str, keep_case: bool = False) -> list[str]:
     """The normalised words of ``text`` (see the module docstring)."""
     text = _THOUSANDS.sub("", strip_accents(text))
     if not keep_case:
         text = text.lower()
+    text = re.sub(r"(?<![\w.])\.(?=\d)", "0.", text)  # ".5" → "0.5"
+    text = re.sub(r"\b(\d+)(?:st|nd|rd|th)\b", r"\1", text, flags=re.IGNORECASE)  # "42nd" → "42"
     # Keep a decimal point between digits and a minus sign before a number.
     text = re.sub(r"(?<=\d)\.(?=\d)", "\u2024", text)  # one-dot leader: a placeholder
     text = re.sub(r"(?<![\w\u2024])-(?=\d)", "\u2212", text)  # minus sign placeholder
     text = re.sub(r"[^\w\u2024\u2212]+", " ", text).replace("\u2024", ".").replace("\u2212", "-")
     words = [w for w in text.split() if w.lower() not in _ARTICLES]
-    return _number_words_to_digits(words) if not keep_case else words
+    return words_to_digits(words) if not keep_case else words
 
 
 def normalize(text: str) -> str:
