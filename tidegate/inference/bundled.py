@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidegate.errors import ConfigError
+from tidegate.inference.partial_files import partial_path
 
 CHUNK = 8 * 1024 * 1024
 
@@ -177,7 +178,7 @@ def gguf_file(model: BundledModel, workdir: Path) -> tuple[Path, bool]:
         return files[0], False
     workdir.mkdir(parents=True, exist_ok=True)
     target = workdir / model.gguf_name
-    partial = target.with_suffix(f".partial-{os.getpid()}")
+    partial = partial_path(target)
     digest, size = hashlib.sha256(), 0
     try:
         with partial.open("wb") as out:

@@ -41,7 +41,6 @@ import inspect
 import io
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -52,6 +51,7 @@ from typing import Any
 
 import torch
 
+from tidegate.inference.partial_files import partial_path
 from tidegate.inference.static_decoder import MIN_CAPACITY, StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def build_package(decoder: StaticDecoder, target: Path) -> float:
             _StepModule(decoder), (token, pos, keys, values, cos, sin), dynamic_shapes=shapes
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}.pt2")
+    partial = partial_path(target, ".pt2")
     try:
         torch._inductor.aoti_compile_and_package(
             exported, package_path=str(partial), inductor_configs=PACKAGE_OPTIONS

@@ -39,6 +39,7 @@ from tidegate.inference.bundled import (
     gguf_file,
     sha256_file,
 )
+from tidegate.inference.partial_files import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def _memo_sha256(path: Path, root: Path) -> str:
         if re.fullmatch(r"[0-9a-f]{64}", remembered):  # not a write cut short
             return remembered
     digest = sha256_file(path)
-    partial = memo.with_name(f".{memo.name}.partial-{os.getpid()}")
+    partial = partial_path(memo)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(digest)
@@ -139,7 +140,7 @@ def convert_gguf(gguf: Path, target: Path, origin: dict[str, Any]) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+    partial = partial_path(target)
     shutil.rmtree(partial, ignore_errors=True)
     try:
         model.save_pretrained(partial)

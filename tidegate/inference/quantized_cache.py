@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tidegate.inference.partial_files import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def store(model: nn.Module, target: Path, origin: dict[str, Any]) -> None:
     with FileLock(str(target.parent / f".{target.name}.lock")):
         if (target / "meta.json").is_file():
             return
-        partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+        partial = partial_path(target)
         shutil.rmtree(partial, ignore_errors=True)
         try:
             partial.mkdir()
