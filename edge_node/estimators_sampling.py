@@ -2,26 +2,51 @@
 
 k extra answers are sampled through the same backend at a temperature (seeds
 0…k−1, so a score is reproducible and cacheable); the score is the fraction
-whose *answer* agrees with the greedy answer's. Answers are compared as keys:
-the reply's normalised words (``tidegate.evaluation.scoring``: case,
-punctuation, articles, number words) minus words the question already holds
-and filler, so "The capital of Japan is Tokyo." and "Tokyo" agree while "…is
-Kyoto." does not. Cost: k extra generations per answer (``extra_cost``).
+that give the greedy answer's *answer* (``same_answer``), compared by what the
+question asks for:
+
+- a multiple-choice question (option lines ``A. …``): the option each reply
+  picks (``tidegate.evaluation.scoring.choose_option``: the letter, or the
+  option's text), so "B" and "B. 2" agree;
+- two replies that both hold a number: the numbers they answer with
+  (``answer_number``: echoes of the question's numbers don't count), so
+  "4 + 9 = 13" and "thirteen" agree, "12" and "13" do not;
+- anything else (and a number in one reply only): the words that carry the
+  answer (``answer_key``: the reply's normalised words minus the question's and
+  filler) overlap by half or more (Jaccard), so "The capital of Japan is Tokyo."
+  and "Tokyo" agree, "…is Kyoto." does not, and "Tokyo, Japan's capital city"
+  still does.
+
+On the dev set's ``calib`` split this reads the edge's answers better than
+comparing the answer words exactly (AUROC 0.690 against 0.684, within category
+0.687 against 0.654; ``python bench/consistency_agreement.py``, README,
+Confidence).
+
+Cost: k extra generations per answer (``extra_cost``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import replace
 
 from tidegate.backend import Generation, ModelBackend
 from tidegate.chat import GenerationRequest
-from tidegate.evaluation.scoring import normalize_words
+from tidegate.evaluation.scoring import answer_number, choose_option, normalize_words
 
 FILLER = frozenset(
     "is are was were be it its this that answer answers correct of in on to and so "
     "called known as which what i my final".split()
 )
+_OPTION = re.compile(r"(?m)^\s*\(?([A-Z])[.)]\s+(\S.*?)\s*$")
+SAME_WORDS = 0.5  # the key-word overlap (Jaccard) at which two replies give one answer
+
+
+def options_in(question: str) -> dict[str, str]:
+    """The question's options by letter ("A. 1" lines); {} for fewer than two."""
+    options = {m.group(1): m.group(2) for m in _OPTION.finditer(question)}
+    return options if len(options) >= 2 else {}
 
 
 def answer_key(reply: str, question: str) -> frozenset[str]:
@@ -32,8 +57,27 @@ def answer_key(reply: str, question: str) -> frozenset[str]:
     return words or frozenset(normalize_words(reply))
 
 
+def same_answer(reply: str, other: str, question: str) -> bool:
+    """Whether two replies to ``question`` give the same answer (the module docstring)."""
+    options = options_in(question)
+    if options:
+        picked = choose_option(reply, options), choose_option(other, options)
+        if picked != (None, None):
+            return picked[0] == picked[1]
+    numbers = answer_number(reply, question), answer_number(other, question)
+    if None not in numbers:
+        return numbers[0] == numbers[1]
+    return same_words(reply, other, question)
+
+
+def same_words(reply: str, other: str, question: str) -> bool:
+    """Whether the words that carry two replies' answers overlap by ``SAME_WORDS``."""
+    a, b = answer_key(reply, question), answer_key(other, question)
+    return bool(a | b) and len(a & b) >= SAME_WORDS * len(a | b)
+
+
 class ConsistencyEstimator:
-    """Agreement of k sampled answers with the greedy one, in [0, 1]."""
+    """The fraction of k sampled answers that give the greedy answer, in [0, 1]."""
 
     name = "consistency"
 
@@ -45,11 +89,8 @@ class ConsistencyEstimator:
         self.temperature = temperature
         self.extra_cost = f"{samples} extra generations"
 
-    async def score(self, request: GenerationRequest, generation: Generation) -> float:
-        if not generation.logprobs:
-            return 0.0
-        question = request.messages[-1].content
-        reference = answer_key(generation.text, question)
+    async def sample(self, request: GenerationRequest) -> list[Generation]:
+        """The k sampled answers to ``request`` (seeds 0…k−1)."""
         requests = [
             replace(
                 request,
@@ -59,6 +100,12 @@ class ConsistencyEstimator:
             for seed in range(self.samples)
         ]
         # The backend serialises generations anyway; gather keeps the code flat.
-        sampled = await asyncio.gather(*(self.backend.generate(r) for r in requests))
-        agree = sum(1 for s in sampled if answer_key(s.text, question) == reference)
+        return list(await asyncio.gather(*(self.backend.generate(r) for r in requests)))
+
+    async def score(self, request: GenerationRequest, generation: Generation) -> float:
+        if not generation.logprobs:
+            return 0.0
+        question = request.messages[-1].content
+        sampled = await self.sample(request)
+        agree = sum(1 for s in sampled if same_answer(generation.text, s.text, question))
         return agree / self.samples

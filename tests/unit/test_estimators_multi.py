@@ -10,7 +10,12 @@ import math
 import pytest
 import torch
 
-from edge_node.estimators_sampling import ConsistencyEstimator, answer_key
+from edge_node.estimators_sampling import (
+    ConsistencyEstimator,
+    answer_key,
+    options_in,
+    same_answer,
+)
 from edge_node.estimators_verify import CUT, SelfVerifyEstimator, verification_messages
 from tests.support.tiny_models import TINY_CONTEXT_LENGTH, tiny_backend
 from tidegate.backend import ConfidenceEstimator
@@ -149,6 +154,45 @@ def test_answer_keys_ignore_the_restated_question_and_filler():
     assert answer_key("The capital of Japan is Kyoto.", q) != answer_key("Tokyo", q)
     comparison = "Which is larger, 51 or 76?"
     assert answer_key("76", comparison) != answer_key("51", comparison)
+
+
+MC = (
+    "How many homomorphisms are there of Z into Z_2?\n"
+    "A. 1\nB. 2\nC. infinitely many\nD. 0\nAnswer with just the letter."
+)
+
+
+def test_options_are_read_from_the_question_lines():
+    assert options_in(MC) == {"A": "1", "B": "2", "C": "infinitely many", "D": "0"}
+    assert options_in("What is 4 + 9?") == {}
+    assert options_in("Is it A. Smith?") == {}  # one line that looks like an option is none
+
+
+@pytest.mark.parametrize(
+    ("reply", "other", "question", "same"),
+    [
+        # multiple choice: the option picked, by letter or by its text
+        ("B", "B. 2", MC, True),
+        ("The answer is infinitely many.", "C", MC, True),
+        ("B", "D", MC, False),
+        ("B", "I am not sure", MC, False),
+        # numbers: the one answered with, not the question's echoed
+        ("4 + 9 = 13", "13", "What is 4 + 9?", True),
+        ("thirteen", "13.0", "What is 4 + 9?", True),
+        ("The sum of 4 and 9 is 12", "13", "What is 4 + 9?", False),
+        ("76", "The larger is 76.", "Which is larger, 51 or 76?", True),
+        ("76", "51", "Which is larger, 51 or 76?", False),
+        ("13", "I don't know", "What is 4 + 9?", False),
+        # words: the answer's words overlap by half
+        ("The capital of Japan is Tokyo.", "Tokyo", "What is the capital of Japan?", True),
+        ("Tokyo", "Kyoto", "What is the capital of Japan?", False),
+        ("Tokyo city", "Tokyo", "What is the capital of Japan?", True),
+        ("", "", "What is the capital of Japan?", False),
+    ],
+)
+def test_same_answer_compares_what_the_question_asks_for(reply, other, question, same):
+    assert same_answer(reply, other, question) is same
+    assert same_answer(other, reply, question) is same
 
 
 async def test_consistency_near_greedy_sampling_agrees(backend):

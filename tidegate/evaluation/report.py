@@ -71,7 +71,7 @@ def build_metrics(
             "extra_cost": costs.get(name),
             "auroc": auroc(scores, right),
             "auroc_ci95": _auroc_interval(scores, right),
-            "within_category_auroc": _within_category_auroc(scored, scores, right),
+            "within_category_auroc": within_category_auroc(scored, scores, right),
             "prr": prr(scores, right),
             "ece": ece(scores, right),
         }
@@ -150,7 +150,7 @@ def _category_reference_auroc(edge: Sequence[Mapping[str, Any]]) -> float | None
     return auroc([rate[_category(r)] for r in edge], [bool(r["edge_correct"]) for r in edge])
 
 
-def _within_category_auroc(
+def within_category_auroc(
     scored: Sequence[Mapping[str, Any]], scores: Sequence[float], right: Sequence[bool]
 ) -> float | None:
     """The AUROC inside each category, averaged weighted by items, over the categories

@@ -203,6 +203,8 @@ async def run_items(
         "edge_model": edge.info.model if edge else None,
         "cloud_model": cloud.info.model if cloud else None,
         "estimators": {e.name: e.extra_cost for e in estimators},
+        # the multi-pass estimators' knobs (consistency's k and temperature)
+        "estimator_options": options.edge.estimator_options.model_dump(),
         "data": str(options.data),
         "data_sha256": _sha256(options.data),
         "split": options.split,
