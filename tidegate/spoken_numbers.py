@@ -49,7 +49,8 @@ def _below_thousand(words: Sequence[str], i: int) -> tuple[int, int] | None:
     value, end = (value or 1) * 100, end + 1
     after_and = end + 1 if _word(words, end) == "and" else end
     rest = _below_hundred(words, after_and)
-    if rest and rest[0] > 0:
+    # "one hundred two hundred" is 100 and 200: a hundreds figure starts a new number.
+    if rest and rest[0] > 0 and _word(words, rest[1]) != "hundred":
         value, end = value + rest[0], rest[1]
     return value, end
 
@@ -61,7 +62,9 @@ def read_number(words: Sequence[str], start: int) -> tuple[int, int] | None:
         part = _below_thousand(words, end)
         value, after = part if part else (None, end)
         scale = SCALES.get(_word(words, after))
-        if scale is None or (last_scale is not None and scale >= last_scale) or value == 0:
+        if last_scale is not None and scale is not None and scale >= last_scale:
+            return total, end  # "one thousand two thousand": the next number starts here
+        if scale is None or value == 0:
             if value is None:  # nothing after "and": leave the "and" unread
                 return (total, end) if last_scale is not None else None
             return total + value, after

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tidegate.evaluation.dataset import EvalItem
-from tidegate.evaluation.scoring import choose_option, is_correct, normalize
+from tidegate.evaluation.scoring import choose_option, is_correct, normalize, normalize_words
 
 MMLU = {"A": "1", "B": "2", "C": "infinitely many", "D": "0"}
 
@@ -132,6 +132,8 @@ def test_short_capitalised_answers_match_case_sensitively():
         ("A valid argument is B", "B"),  # "A valid": the article
         ("A", "A"),
         ("B or C", None),
+        ("A or B", None),  # not the article "A": a hedge
+        ("A and C", None),
         ("A, B", None),
         ("I don't know", None),
     ],
@@ -146,6 +148,19 @@ def test_multiple_choice_correctness():
     assert is_correct(mmlu, "The answer is 2.")
     assert not is_correct(mmlu, "A. 1")
     assert not is_correct(mmlu, "B or C")
+    assert not is_correct(mmlu, "A or B")
+
+
+def test_minus_and_negative_sign_a_number_they_stand_before():
+    assert normalize_words("Minus three.") == ["-3"]
+    assert normalize_words("negative 3") == ["-3"]
+    assert normalize_words("minus -3") == ["3"]
+    assert normalize_words("5 minus 3 is 2") == ["5", "minus", "3", "is", "2"]
+    assert normalize_words("a negative number") == ["negative", "number"]
+    assert is_correct(item("What is 2 - 5?", "-3"), "Minus three.")
+    assert is_correct(item("What is 2 - 5?", "-3"), "Negative three")
+    assert not is_correct(item("What is 5 - 2?", "3"), "Minus three.")
+    assert is_correct(item("What is 5 minus 2?", "3"), "5 minus 2 is 3")
 
 
 def test_numeric_echoes_of_the_question_answer_nothing():

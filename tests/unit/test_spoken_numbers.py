@@ -26,6 +26,11 @@ from tidegate.spoken_numbers import read_number, words_to_digits
         ("thousand thousand", "1000 1000"),  # scales only descend
         ("twenty one cats", "21 cats"),
         ("zero thousand", "0 1000"),
+        # a list of round numbers: each hundreds figure or repeated scale starts anew
+        ("one hundred two hundred three hundred", "100 200 300"),
+        ("one thousand two thousand three thousand", "1000 2000 3000"),
+        ("two thousand five hundred", "2500"),
+        ("one million two million", "1000000 2000000"),
     ],
 )
 def test_words_to_digits(text, digits):

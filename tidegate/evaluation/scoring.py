@@ -9,8 +9,8 @@ with the accepted ones, in three modes chosen by the item:
 thousands separators dropped (``14,047`` → ``14047``), ``.5`` → ``0.5``,
 ordinal suffixes dropped (``42nd`` → ``42``), punctuation → spaces, the articles
 *a*, *an*, *the* dropped, numbers in words → digits (``twenty-one`` → ``21``,
-``one hundred and one`` → ``101``; ``tidegate.spoken_numbers``), whitespace
-collapsed.
+``one hundred and one`` → ``101``; ``tidegate.spoken_numbers``), ``minus 3`` /
+``negative three`` → ``-3`` (not ``5 minus 3``), whitespace collapsed.
 
 1. **Multiple choice** (the item has ``choices``): the first option letter that
    stands alone (``B``, ``B.``, ``(B)``, ``Answer: B``, ``A is correct``; not the
@@ -51,6 +51,7 @@ from tidegate.evaluation.dataset import EvalItem
 from tidegate.spoken_numbers import words_to_digits
 
 _ARTICLES = {"a", "an", "the"}
+_SIGNS = {"minus", "negative"}
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _LETTER = r"(?<![A-Za-z0-9'’])([A-Z])(?![A-Za-z0-9'’])"
@@ -73,7 +74,20 @@ def normalize_words(text: str, keep_case: bool = False) -> list[str]:
     text = re.sub(r"(?<![\w\u2024])-(?=\d)", "\u2212", text)  # minus sign placeholder
     text = re.sub(r"[^\w\u2024\u2212]+", " ", text).replace("\u2024", ".").replace("\u2212", "-")
     words = [w for w in text.split() if w.lower() not in _ARTICLES]
-    return words_to_digits(words) if not keep_case else words
+    return _signed(words_to_digits(words)) if not keep_case else words
+
+
+def _signed(words: list[str]) -> list[str]:
+    """ "minus 3" / "negative 3" → "-3", unless a number stands before it ("5 minus 3")."""
+    out: list[str] = []
+    for word in words:
+        sign = out[-1] if out else ""
+        before = out[-2] if len(out) > 1 else ""
+        if sign in _SIGNS and _NUMBER.fullmatch(word) and not _NUMBER.fullmatch(before):
+            out[-1] = word[1:] if word.startswith("-") else f"-{word}"
+        else:
+            out.append(word)
+    return out
 
 
 def normalize(text: str) -> str:
@@ -107,8 +121,9 @@ def choose_option(reply: str, choices: dict[str, str]) -> str | None:
     if letters:
         pattern = _LETTER.replace("[A-Z]", f"[{letters}]")
         # "A" followed by a lower-case word is the article ("A valid argument …"),
-        # unless the word says something about A ("A is correct").
-        article = r"A (?!(?:is|was|seems|would|because)\b)[a-z]"
+        # unless the word says something about A ("A is correct") or joins another
+        # option to it ("A or B": a hedge, below).
+        article = r"A (?!(?:is|was|seems|would|because|or|and|nor)\b)[a-z]"
         matches = (
             m for m in re.finditer(pattern, reply) if not re.match(article, reply[m.start() :])
         )
@@ -192,7 +207,7 @@ def answer_number(reply: str, question: str) -> float | None:
     return (fresh or numbers)[0]
 
 
-def _numeric_hedge(reply: str, question: str) -> bool:
+def numeric_hedge(reply: str, question: str) -> bool:
     """Two different fresh numbers joined by "or" / "/" ("12 or 13")."""
     text = " ".join(normalize_words(reply)).replace("/", " or ")
     asked = {float(n) for n in _NUMBER.findall(" ".join(normalize_words(question)))}
@@ -326,7 +341,7 @@ def is_correct(item: EvalItem, reply: str) -> bool:
         return chosen is not None and chosen == correct_choice(item)
     numbers = [_as_number(a) for a in item.answers]
     if all(n is not None for n in numbers):
-        if _numeric_hedge(reply, item.question):
+        if numeric_hedge(reply, item.question):
             return False
         got = answer_number(reply, item.question)
         return got is not None and any(abs(got - n) < 1e-9 for n in numbers if n is not None)
