@@ -8,14 +8,25 @@ a model, what those changes alter; ``guard_refusal`` compares two questions:
 
 * negation markers (not, no, never, without, n't, …), as a multiset;
 * numbers, digits and number words in one spelling ("17" = "seventeen",
-  "1,000" = "1000"; ordinals too), as a multiset;
+  "1,000" = "1000", ".5" = "0.5"; ordinals too), in order: "10 divided by 2"
+  is not "2 divided by 10" (so "2 + 3" and "3 + 2" are refused too: a missed
+  paraphrase, which precision allows);
 * operator symbols (``+ - * / = < > ^ % & |``, ``!=``: "3 + 5" is not "3 * 5",
-  though its words and numbers are), as a multiset;
+  though its words and numbers are), in order: "3 + 5 * 2" is not "3 * 5 + 2";
+* the question words that change what is asked (who/whom, whose, when, where,
+  why, how), as a multiset; "what" and "which" are left out, as wording;
+* the connectives "and" and "or" (not the "and" inside "one hundred and
+  five"), as a multiset;
 * named entities: the words capitalised (after the first word) in either
   question, in the order they appear in each;
 * direction and comparison words (before/after, more/less, from, …);
 * content words — everything but function words, politeness fillers,
   possessives and plural endings — with the direction words, in order.
+  Letters and digits written together are one content word ("CO2", "IPv4",
+  "log2", "python3.11"), not a word and a number.
+
+A comma (or other clause punctuation) ends a spoken number: "twenty, one and
+five" is three numbers, "twenty-one and five" two.
 
 Precision over recall: a missed paraphrase costs a model call, a false match
 serves another question's answer.
@@ -31,7 +42,16 @@ from tidegate.spoken_numbers import NUMBER_WORDS, words_to_digits
 
 # A hyphen between letters joins a word ("well-known"); anywhere else it is minus.
 _OPERATOR = re.compile(r"!=|[+*/×÷=<>^%&|]|(?<![A-Za-z])-(?![A-Za-z])")
-_TOKEN = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*(?:st|nd|rd|th)?|[A-Za-z]+(?:['’][A-Za-z]+)*")
+_TOKEN = re.compile(
+    # a number: "3", "-5", "3.14", "1,000", "21st", ".5", "-.5"
+    r"(?<![\w.])-?(?:\d+(?:[.,]\d+)*(?:st|nd|rd|th)?|\.\d+)"
+    # a word; digits after its first letter belong to it ("co2", "h2o", "ipv4",
+    # "log2", "python3.11"): reading them as a number would compare "CO2" as "CO"
+    r"|[A-Za-z]+(?:\d[A-Za-z\d]*(?:\.\d+)*)?(?:['’][A-Za-z]+)*"
+    # punctuation that ends a spoken number ("twenty, one" is 20 and 1)
+    r"|[,;:.!?]"
+)
+_SEPARATORS = frozenset(",;:.!?")
 
 NEGATIONS = {
     "not": "not",
@@ -72,6 +92,22 @@ POLARITY = frozenset(
     "within beyond".split()
 )
 
+# Question words that change what is asked ("When was X born?" is not "Where
+# was X born?"). "what" and "which" are not among them: "What countries use
+# the euro?" asks what "Which countries use the euro?" does.
+QUESTION_WORDS = {
+    "who": "who",
+    "whom": "who",
+    "whose": "whose",
+    "when": "when",
+    "where": "where",
+    "why": "why",
+    "how": "how",
+}
+
+# "True and False" is not "True or False".
+CONNECTIVES = frozenset({"and", "or"})
+
 ORDINALS = {
     w: f"{i + 1}th"
     for i, w in enumerate(
@@ -101,8 +137,10 @@ class QuestionFeatures:
     """What the guards compare between two questions."""
 
     negations: Counter[str]
-    numbers: Counter[str]
-    operators: Counter[str]
+    numbers: tuple[str, ...]  # in order: "10 / 2" is not "2 / 10"
+    operators: tuple[str, ...]  # in order: "3 + 5 * 2" is not "3 * 5 + 2"
+    questions: Counter[str]  # who, whose, when, where, why, how
+    connectives: Counter[str]  # and, or
     polarity: Counter[str]
     capitalised: frozenset[str]  # content words capitalised after the first word
     content: tuple[str, ...]  # content and direction words, in order
@@ -119,18 +157,21 @@ def _stem(word: str) -> str:
 
 
 def _number(token: str) -> str:
-    """A digit token in one spelling: "1,000" → "1000", "21st" → "21th"."""
+    """A digit token in one spelling: "1,000" → "1000", "21st" → "21th", ".5" → "0.5"."""
     match = re.fullmatch(r"(-?[\d.,]+?)(st|nd|rd|th)?", token)
     assert match is not None
     digits, suffix = match.groups()
     if "," in digits and re.fullmatch(r"-?\d{1,3}(,\d{3})+", digits):
         digits = digits.replace(",", "")
+    digits = re.sub(r"^(-?)\.", r"\g<1>0.", digits)  # ".5" → "0.5", "-.5" → "-0.5"
     return digits + ("th" if suffix else "")
 
 
 def features(text: str) -> QuestionFeatures:
     negations: Counter[str] = Counter()
-    numbers: Counter[str] = Counter()
+    numbers: list[str] = []
+    questions: Counter[str] = Counter()
+    connectives: Counter[str] = Counter()
     polarity: Counter[str] = Counter()
     capitalised: set[str] = set()
     content: list[str] = []
@@ -138,23 +179,31 @@ def features(text: str) -> QuestionFeatures:
 
     def end_number() -> None:
         for word in words_to_digits(spoken):
-            if word != "and":  # "one and two": two numbers
-                numbers[word] += 1
+            if word == "and":  # no number took it ("one and two"): a connective
+                connectives["and"] += 1
+            else:
+                numbers.append(word)
         spoken.clear()
 
     for index, raw in enumerate(_TOKEN.findall(text)):
         token = raw.replace("’", "'")
         lower = token.lower()
-        if lower[0].isdigit() or (lower[0] == "-" and len(lower) > 1):
+        if lower in _SEPARATORS:
             end_number()
-            numbers[_number(lower)] += 1
+            continue
+        if lower[0].isdigit() or lower[0] in "-.":
+            end_number()
+            numbers.append(_number(lower))
             continue
         if lower in NUMBER_WORDS or (lower == "and" and spoken):
             spoken.append(lower)  # "one hundred and five"
             continue
         end_number()
         if lower in ORDINALS:
-            numbers[ORDINALS[lower]] += 1
+            numbers.append(ORDINALS[lower])
+            continue
+        if lower in CONNECTIVES:
+            connectives[lower] += 1
             continue
         if lower.endswith("n't"):
             negations["not"] += 1
@@ -167,15 +216,24 @@ def features(text: str) -> QuestionFeatures:
             content.append(lower)  # where it stands matters: "from Paris to London"
             continue
         stem = _stem(lower)
+        if stem in QUESTION_WORDS:  # "how", "How's", "whom"
+            questions[QUESTION_WORDS[stem]] += 1
+            continue
         if stem in STOPWORDS or lower in STOPWORDS:
             continue
         if index > 0 and token[0].isupper():
             capitalised.add(stem)
         content.append(stem)
     end_number()
-    operators = Counter(_OPERATOR.findall(text))
     return QuestionFeatures(
-        negations, numbers, operators, polarity, frozenset(capitalised), tuple(content)
+        negations=negations,
+        numbers=tuple(numbers),
+        operators=tuple(_OPERATOR.findall(text)),
+        questions=questions,
+        connectives=connectives,
+        polarity=polarity,
+        capitalised=frozenset(capitalised),
+        content=tuple(content),
     )
 
 
@@ -191,6 +249,10 @@ def guard_refusal(a: QuestionFeatures, b: QuestionFeatures) -> str | None:
         return "numbers differ"
     if a.operators != b.operators:
         return "operators differ"
+    if a.questions != b.questions:
+        return "question words differ"
+    if a.connectives != b.connectives:
+        return "connectives differ"
     # Names are recognised by their capital in either question, so a question
     # typed in lower case still matches its capitalised twin.
     names = a.capitalised | b.capitalised

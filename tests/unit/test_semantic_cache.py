@@ -233,19 +233,21 @@ def test_unknown_model_fails_naming_the_field(tmp_path):
 @pytest.mark.parametrize(
     "text,numbers",
     [
-        ("What is seventeen times twenty-three?", {"17": 1, "23": 1}),
-        ("one hundred and five", {"105": 1}),
-        ("two thousand three hundred", {"2300": 1}),
-        ("Is one and two less than four?", {"1": 1, "2": 1, "4": 1}),
-        ("a hundred and one dalmatians", {"101": 1}),
-        ("1,000 or 1000", {"1000": 2}),
-        ("the 3rd and the third", {"3th": 2}),
-        ("pi is 3.14", {"3.14": 1}),
-        ("-5 degrees", {"-5": 1}),
+        ("What is seventeen times twenty-three?", ("17", "23")),
+        ("one hundred and five", ("105",)),
+        ("two thousand three hundred", ("2300",)),
+        ("Is one and two less than four?", ("1", "2", "4")),
+        ("a hundred and one dalmatians", ("101",)),
+        ("1,000 or 1000", ("1000", "1000")),
+        ("the 3rd and the third", ("3th", "3th")),
+        ("pi is 3.14", ("3.14",)),
+        ("-5 degrees", ("-5",)),
+        (".5 or -.5", ("0.5", "-0.5")),
     ],
 )
 def test_numbers_are_read_in_one_spelling(text, numbers):
-    assert dict(features(text).numbers) == numbers
+    """In the order they appear: "10 divided by 2" is not "2 divided by 10"."""
+    assert features(text).numbers == numbers
 
 
 @pytest.mark.parametrize(
