@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from tidegate.inference.partial_files import partial_path
+from tidegate.inference.partial_files import partial_path, sweep_stale
 from tidegate.inference.static_decoder import MIN_CAPACITY, StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,7 @@ def attach(decoder: StaticDecoder, settings: Any, model_id: str, root: Path) -> 
     threads = torch.get_num_threads()
     target = package_path(root, model_id, settings.quantization, threads)
     if target.is_file():
+        sweep_stale(target)  # no build of it comes again to sweep what a killed one left
         try:
             started = time.perf_counter()
             decoder.use_compiled(load_package(target, decoder))

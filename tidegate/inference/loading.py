@@ -39,7 +39,7 @@ from tidegate.inference.bundled import (
     gguf_file,
     sha256_file,
 )
-from tidegate.inference.partial_files import partial_path
+from tidegate.inference.partial_files import partial_path, sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def _memo_sha256(path: Path, root: Path) -> str:
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     memo = root / ".sha256" / hashlib.sha256(key.encode()).hexdigest()
     if memo.is_file():
+        sweep_stale(memo)  # no write of it comes again to sweep what a killed one left
         remembered = memo.read_text().strip()
         if re.fullmatch(r"[0-9a-f]{64}", remembered):  # not a write cut short
             return remembered
@@ -157,6 +158,7 @@ def _ensure_converted(target: Path, make_gguf: Any, origin: dict[str, Any]) -> b
     from filelock import FileLock
 
     if (target / "config.json").is_file():
+        sweep_stale(target)  # no conversion comes again to sweep what a killed one left
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target.parent / f".{target.name}.lock")):
@@ -186,7 +188,10 @@ class _Resolved:
 def _bundled(model: BundledModel, root: Path) -> _Resolved:
     target = converted_dir(model, root)
     origin = {"bundled": model.name, "sha256": model.sha256, "packages": model.requirements}
-    converted = _ensure_converted(target, lambda: gguf_file(model, root / ".assembling"), origin)
+    assembling = root / ".assembling"
+    converted = _ensure_converted(target, lambda: gguf_file(model, assembling), origin)
+    if not converted:  # the assembled GGUF is deleted once converted: sweep its partials here
+        sweep_stale(assembling / model.gguf_name)
     return _Resolved(target, f"{model.name}@{model.sha256[:12]}", "bundled", converted)
 
 

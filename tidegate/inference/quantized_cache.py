@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tidegate.inference.partial_files import partial_path
+from tidegate.inference.partial_files import partial_path, sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ def load(target: Path, skeleton: nn.Module) -> nn.Module | None:
     meta_path = target / "meta.json"
     if not meta_path.is_file():
         return None
+    sweep_stale(target)  # no write of it comes again to sweep what a killed one left
     started = time.perf_counter()
     meta = json.loads(meta_path.read_text())
     tensors = read_tensors(target / "weights.safetensors")
