@@ -94,6 +94,9 @@ def test_what_is_reported_is_what_the_threshold_does():
     top = [rec(s, False, True) for s in (0.1, 0.2, 0.3, 1.0)]  # escalating all is best
     everything = calibrate(top, "gain", Target(escalation=1.0))
     assert everything.threshold == 1.0 and everything.escalated == 0.75
+    # …so an accuracy only escalating everything reaches is not reached.
+    all_of_cloud = calibrate(top, "gain", Target(accuracy=1.0, relative_to_cloud=True))
+    assert all_of_cloud.accuracy == 0.75 and not all_of_cloud.reached
     # Two scores closer than 4 decimals: the exact midpoint, not a rounded one.
     close = [rec(s, s > 0.5, True) for s in (0.10, 0.12341, 0.12344, 0.9)]
     result = calibrate(close, "gain", Target(escalation=0.5))
@@ -112,6 +115,7 @@ def test_the_policy_gets_the_threshold_exactly(tmp_path, capsys):
     assert run([*args, "--policy", str(policy)]) == 0
     written = load_router_settings(policy).policy.min_confidence
     assert written == calibrate(close, "gain", Target(escalation=0.5)).threshold
+    assert f"threshold {written!r} " in capsys.readouterr().out  # printed as written
 
 
 def test_needs_the_estimator_and_both_tiers():

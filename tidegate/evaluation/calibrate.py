@@ -127,12 +127,16 @@ def calibrate(records: Sequence[Mapping[str, Any]], estimator: str, target: Targ
         point = point or max(curve, key=lambda p: (p.accuracy, -p.escalated))
     threshold = _between(scores, point)
     sent, right = _route(usable, estimator, threshold)
+    # What the threshold written does (the router escalates score < threshold): the
+    # curve's point, except where no threshold ≤ 1 can escalate a score of 1 — and then
+    # the accuracy target may be missed where the curve's point met it.
+    escalated, accuracy = sum(sent) / len(sent), sum(right) / len(right)
+    if target.accuracy is not None:
+        reached = reached and accuracy >= goal - 1e-12
     return Calibration(
         threshold=threshold,
-        # What the threshold written does (the router escalates score < threshold):
-        # the curve's point, except where no threshold ≤ 1 can escalate a score of 1.
-        escalated=sum(sent) / len(sent),
-        accuracy=sum(right) / len(right),
+        escalated=escalated,
+        accuracy=accuracy,
         edge_accuracy=sum(edge) / len(edge),
         cloud_accuracy=cloud_accuracy,
         items=len(usable),

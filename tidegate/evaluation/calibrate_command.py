@@ -161,9 +161,16 @@ def _validate(text: str, policy: Path) -> None:
         os.unlink(tmp)
 
 
+def _exact(threshold: float) -> str:
+    """4 decimals, unless the threshold needs more (scores closer than that): the
+    number printed is the number written."""
+    short = f"{threshold:.4f}"
+    return short if float(short) == threshold else repr(threshold)
+
+
 def _report(name: str, result: Calibration, held: Replay | None) -> str:
     line = (
-        f"{name:24} threshold {result.threshold:.4f}  {result.items:4} items  "
+        f"{name:24} threshold {_exact(result.threshold)}  {result.items:4} items  "
         f"escalated {_pct(result.escalated):>6}  accuracy {_pct(result.accuracy):>6}  "
         f"(edge {_pct(result.edge_accuracy)}, cloud {_pct(result.cloud_accuracy)})"
     )
