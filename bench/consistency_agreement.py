@@ -34,7 +34,8 @@ def _variants() -> dict[str, Same]:
         return answer_key(a, question) == answer_key(b, question)
 
     def numbers_in_either(a: str, b: str, question: str) -> bool:
-        # as same_answer, but a number in one reply only already disagrees
+        # an earlier same_answer: a number in one reply only already disagrees, and
+        # hedges, negations and restated numbers are not told apart
         options = options_in(question)
         picked = (choose_option(a, options), choose_option(b, options)) if options else None
         if picked and picked != (None, None):
@@ -46,8 +47,8 @@ def _variants() -> dict[str, Same]:
 
     return {
         "exact answer words (before)": exact_key,
-        "typed, numbers in either": numbers_in_either,
-        "typed, numbers in both (same_answer)": same_answer,
+        "by kind, numbers in either": numbers_in_either,
+        "by kind (same_answer, shipped)": same_answer,
     }
 
 
@@ -66,16 +67,23 @@ class _CacheOnly:
 async def _answers(
     records: Sequence[Mapping[str, Any]], run: Mapping[str, Any], samples: int, temperature: float
 ) -> list[tuple[str, str, list[str]]]:
-    """(question, greedy reply, sampled replies) per record, from the cache."""
+    """(question, greedy reply, sampled replies) per record, from the cache the
+    evaluation used; no samples for an empty greedy reply (the estimator scores it 0
+    without sampling)."""
     from edge_node.estimators_sampling import ConsistencyEstimator
     from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
     from tidegate.evaluation.gencache import CachedBackend
     from tidegate.evaluation.runner import default_cache_dir
 
-    cached = CachedBackend(_CacheOnly(run["edge_model"]), default_cache_dir())  # type: ignore[arg-type]
+    where = (run.get("cache") or {}).get("dir")
+    cache_dir = Path(where) if where else default_cache_dir()
+    cached = CachedBackend(_CacheOnly(run["edge_model"]), cache_dir)  # type: ignore[arg-type]
     estimator = ConsistencyEstimator(cached, samples=samples, temperature=temperature)
-    rows = []
+    rows: list[tuple[str, str, list[str]]] = []
     for r in records:
+        if r.get("edge_tokens") == 0:
+            rows.append((r["question"], r["edge_text"], []))
+            continue
         request = GenerationRequest(
             messages=(ChatMessage("user", r["question"]),),
             sampling=SamplingParams(max_new_tokens=run["max_new_tokens"]),
@@ -89,11 +97,19 @@ async def _answers(
 def agreement(
     same: Same, question: str, greedy: str, sampled: Sequence[str], pairwise: bool
 ) -> float:
-    """The fraction of samples giving the greedy answer, or of all pairs agreeing."""
+    """The fraction of samples giving the greedy answer, or of all pairs agreeing
+    (0 without samples, as the estimator)."""
+    if not sampled:
+        return 0.0
     if pairwise:
         pairs = list(itertools.combinations([greedy, *sampled], 2))
         return sum(same(a, b, question) for a, b in pairs) / len(pairs)
     return sum(same(greedy, s, question) for s in sampled) / len(sampled)
+
+
+def _cell(value: float | None, width: int) -> str:
+    """An AUROC, or "-" where it is undefined (one class, or one category)."""
+    return f"{value:{width}.3f}" if value is not None else "-".rjust(width)
 
 
 def _stacked(records: Sequence[Mapping[str, Any]], agreement: Sequence[float]) -> list[float]:
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{len(records)} items; AUROC of the agreement per split, within category, and "
         "stacked on the combiner (+comb); the combiner alone: "
-        + ", ".join(f"{s} {a or 0:.3f}" for s, a in alone.items())
+        + ", ".join(f"{s} {_cell(a, 5)}" for s, a in alone.items())
     )
     header = f"{'agreement':36} {'k':>2} {'pairs':>5} " + " ".join(
         f"{s:>7} {s[:4] + ' in':>7} {s[:4] + '+comb':>9}" for s in splits
@@ -157,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             s, ok = [scores[i] for i in at], [right[i] for i in at]
             within = within_category_auroc([records[i] for i in at], s, ok)
             both = auroc([stacked[i] for i in at], ok)
-            cells.append(f"{auroc(s, ok) or 0:7.3f} {within or 0:7.3f} {both or 0:9.3f}")
+            cells.append(f"{_cell(auroc(s, ok), 7)} {_cell(within, 7)} {_cell(both, 9)}")
         print(f"{label:36} {k:2d} {'yes' if pairwise else 'no':>5} " + " ".join(cells))
     return 0
 

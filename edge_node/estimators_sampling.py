@@ -10,16 +10,18 @@ question asks for:
   option's text), so "B" and "B. 2" agree;
 - two replies that both hold a number: the numbers they answer with
   (``answer_number``: echoes of the question's numbers don't count), so
-  "4 + 9 = 13" and "thirteen" agree, "12" and "13" do not;
+  "4 + 9 = 13" and "thirteen" agree, "12" and "13" do not; a hedge ("13 or
+  14") agrees with nothing, and when the number only restates the question the
+  words decide ("20 September 1969 was a Saturday" / "…a Sunday");
 - anything else (and a number in one reply only): the words that carry the
   answer (``answer_key``: the reply's normalised words minus the question's and
   filler) overlap by half or more (Jaccard), so "The capital of Japan is Tokyo."
   and "Tokyo" agree, "…is Kyoto." does not, and "Tokyo, Japan's capital city"
-  still does.
+  still does; a negated reply ("Not Canberra") never agrees with a plain one.
 
 On the dev set's ``calib`` split this reads the edge's answers better than
-comparing the answer words exactly (AUROC 0.690 against 0.684, within category
-0.687 against 0.654; ``python bench/consistency_agreement.py``, README,
+comparing the answer words exactly (AUROC 0.694 against 0.684, within category
+0.692 against 0.654; ``python bench/consistency_agreement.py``, README,
 Confidence).
 
 Cost: k extra generations per answer (``extra_cost``).
@@ -33,7 +35,12 @@ from dataclasses import replace
 
 from tidegate.backend import Generation, ModelBackend
 from tidegate.chat import GenerationRequest
-from tidegate.evaluation.scoring import answer_number, choose_option, normalize_words
+from tidegate.evaluation.scoring import (
+    answer_number,
+    choose_option,
+    normalize_words,
+    numeric_hedge,
+)
 
 FILLER = frozenset(
     "is are was were be it its this that answer answers correct of in on to and so "
@@ -41,6 +48,8 @@ FILLER = frozenset(
 )
 _OPTION = re.compile(r"(?m)^\s*\(?([A-Z])[.)]\s+(\S.*?)\s*$")
 SAME_WORDS = 0.5  # the key-word overlap (Jaccard) at which two replies give one answer
+# "t": the tail of "isn't", "can't" (normalised words split at the apostrophe)
+NEGATIONS = frozenset({"not", "no", "never", "neither", "nor", "none", "t"})
 
 
 def options_in(question: str) -> dict[str, str]:
@@ -66,8 +75,37 @@ def same_answer(reply: str, other: str, question: str) -> bool:
             return picked[0] == picked[1]
     numbers = answer_number(reply, question), answer_number(other, question)
     if None not in numbers:
-        return numbers[0] == numbers[1]
+        if numeric_hedge(reply, question) or numeric_hedge(other, question):
+            return False  # "13 or 14" gives no one answer
+        # The same number, unless it only restates the question while the words say
+        # otherwise ("20 September 1969 was a Saturday" / "…a Sunday").
+        return numbers[0] == numbers[1] and not _words_differ(reply, other, question)
+    if _negated(reply) != _negated(other):
+        return False  # "Canberra" / "Not Canberra"
     return same_words(reply, other, question)
+
+
+def _negated(reply: str) -> bool:
+    return not NEGATIONS.isdisjoint(normalize_words(reply))
+
+
+def _words_differ(reply: str, other: str, question: str) -> bool:
+    """Both replies say something beyond the question and their numbers, and not the same."""
+    a, b = (_new_words(r, question) for r in (reply, other))
+    return bool(a) and bool(b) and len(a & b) < SAME_WORDS * len(a | b)
+
+
+def _new_words(reply: str, question: str) -> frozenset[str]:
+    asked = set(normalize_words(question)) | FILLER
+    return frozenset(w for w in normalize_words(reply) if w not in asked and not _is_number(w))
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def same_words(reply: str, other: str, question: str) -> bool:

@@ -51,7 +51,7 @@ def test_stacking_learns_on_calib_only(bench):
 
 
 async def test_the_samples_come_from_the_eval_cache(bench, tmp_path, monkeypatch):
-    monkeypatch.setenv("TIDEGATE_EVAL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TIDEGATE_EVAL_CACHE_DIR", str(tmp_path / "not-this-one"))
     backend = tiny_backend()
     try:
         cached = CachedBackend(backend, tmp_path)
@@ -63,8 +63,13 @@ async def test_the_samples_come_from_the_eval_cache(bench, tmp_path, monkeypatch
     finally:
         await backend.close()
     record = {"id": "q1", "question": Q, "edge_text": greedy.text}
-    run = {"edge_model": backend.info.model, "max_new_tokens": 6}
+    # the cache the evaluation wrote (metrics.json's run names it), not the default
+    run = {"edge_model": backend.info.model, "max_new_tokens": 6, "cache": {"dir": str(tmp_path)}}
     rows = await bench._answers([record], run, 2, 0.7)
     assert rows == [(Q, greedy.text, [s.text for s in said])]
+    # an empty greedy reply was never sampled (the estimator scores it 0): nothing to read
+    empty = {"id": "q2", "question": "Say nothing.", "edge_text": "", "edge_tokens": 0}
+    assert await bench._answers([empty], run, 2, 0.7) == [("Say nothing.", "", [])]
+    assert bench.agreement(same_answer, "Say nothing.", "", [], pairwise=False) == 0.0
     with pytest.raises(LookupError, match="not in the eval cache"):
         await bench._answers([record], run, 3, 0.7)  # a third sample was never generated

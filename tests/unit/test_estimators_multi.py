@@ -188,6 +188,17 @@ def test_options_are_read_from_the_question_lines():
         ("Tokyo", "Kyoto", "What is the capital of Japan?", False),
         ("Tokyo city", "Tokyo", "What is the capital of Japan?", True),
         ("", "", "What is the capital of Japan?", False),
+        # a hedge, a negation, a number that only restates the question
+        ("13", "13 or 14", "What is 4 + 9?", False),
+        ("Canberra", "Not Canberra", "What is the capital of Australia?", False),
+        ("Canberra", "It isn't Canberra", "What is the capital of Australia?", False),
+        (
+            "20 September 1969 was a Saturday.",
+            "September 20, 1969 was a Sunday.",
+            "What day of the week is 20 September 1969?",
+            False,
+        ),
+        ("4 + 9 = 13", "It's 13 apples", "What is 4 + 9?", True),
     ],
 )
 def test_same_answer_compares_what_the_question_asks_for(reply, other, question, same):
