@@ -20,8 +20,8 @@ question asks for:
   still does; a negated reply ("Not Canberra") never agrees with a plain one.
 
 On the dev set's ``calib`` split this reads the edge's answers better than
-comparing the answer words exactly (AUROC 0.694 against 0.684, within category
-0.692 against 0.654; ``python bench/consistency_agreement.py``, README,
+comparing the answer words exactly (AUROC 0.692 against 0.684, within category
+0.691 against 0.654; ``python bench/consistency_agreement.py``, README,
 Confidence).
 
 Cost: k extra generations per answer (``extra_cost``).
@@ -40,6 +40,7 @@ from tidegate.evaluation.scoring import (
     choose_option,
     normalize_words,
     numeric_hedge,
+    strip_restatement,
 )
 
 FILLER = frozenset(
@@ -60,10 +61,16 @@ def options_in(question: str) -> dict[str, str]:
 
 def answer_key(reply: str, question: str) -> frozenset[str]:
     """The words that carry the reply's answer (see the module docstring)."""
-    asked = set(normalize_words(question))
-    words = frozenset(w for w in normalize_words(reply) if w not in asked and w not in FILLER)
-    # A reply made only of question words ("76" for "51 or 76?") is its own key.
-    return words or frozenset(normalize_words(reply))
+    asked = normalize_words(question)
+    said = normalize_words(reply)
+    words = frozenset(w for w in said if w not in asked and w not in FILLER)
+    if words:
+        return words
+    # A reply made only of question words ("76" for "51 or 76?", "Paris is the capital
+    # of France." for "Is Paris or Lyon the capital of France?"): what is left once the
+    # runs it copies from the question are gone, else the whole reply.
+    picked = frozenset(w for w in strip_restatement(said, asked) if w not in FILLER)
+    return picked or frozenset(said)
 
 
 def same_answer(reply: str, other: str, question: str) -> bool:

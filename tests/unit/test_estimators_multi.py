@@ -199,6 +199,9 @@ def test_options_are_read_from_the_question_lines():
             False,
         ),
         ("4 + 9 = 13", "It's 13 apples", "What is 4 + 9?", True),
+        # an either-or question: the answer is one of the question's own words
+        ("Paris is the capital.", "Lyon is the capital.", "Is Paris or Lyon the capital?", False),
+        ("Paris", "Paris is the capital.", "Is Paris or Lyon the capital?", True),
     ],
 )
 def test_same_answer_compares_what_the_question_asks_for(reply, other, question, same):
