@@ -319,6 +319,28 @@ def test_calibrate_dry_run_and_errors(tmp_path, capsys):
     assert run([*args, "--target-accuracy", "0.5", "--estimator", "seq_prob"]) == 2
 
 
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "each line must be a JSON object"),
+        ('{"confidence": {"gain": NaN}}', "confidence 'gain' is nan, not a number in [0, 1]"),
+        ('{"confidence": {"gain": 1.5}}', "confidence 'gain' is 1.5, not a number in [0, 1]"),
+        ('{"confidence": {"gain": "high"}}', "confidence 'gain' is 'high'"),
+    ],
+)
+def test_a_broken_items_file_is_an_error_naming_its_line(tmp_path, capsys, line, says):
+    items = _items(tmp_path)
+    items.write_text(items.read_text() + line + "\n")
+    policy = tmp_path / "router.yaml"
+    policy.write_text("policy:\n  min_confidence: 0.5\n")
+    args = ["calibrate", "--data", str(items), "--policy", str(policy)]
+    assert run([*args, "--target-escalation", "0.3"]) == 2
+    lines = len(items.read_text().splitlines())
+    assert f"{items}:{lines}: {says}" in capsys.readouterr().err
+    assert policy.read_text() == "policy:\n  min_confidence: 0.5\n"
+
+
 def test_calibrate_can_fit_the_combiner_first(tmp_path, capsys):
     import math
     import random

@@ -245,8 +245,32 @@ def write_items(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 def read_items(path: str | Path) -> list[dict[str, Any]]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """An ``items.jsonl`` of ``tidegate eval``; ConfigError naming the line where a
+    record is not a JSON object or a confidence is not a number in [0, 1] (a hand-made
+    or edited file: a NaN would silently skew AUROC and thresholds)."""
+    from tidegate.errors import ConfigError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from exc
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}:{number}: each line must be a JSON object")
+        for name, score in (record.get("confidence") or {}).items():
+            if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
+                raise ConfigError(
+                    f"{path}:{number}: confidence {name!r} is {score!r}, not a number in [0, 1]"
+                )
+        records.append(record)
+    return records
 
 
 async def evaluate(
