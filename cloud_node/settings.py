@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from tidegate.config import ModelSettings, StrictModel
+from tidegate.config import ModelSettings, StrictModel, check_address
 from tidegate.tls import ServerTls
 
 
@@ -49,8 +49,10 @@ class OpenAISettings(StrictModel):
 class CloudSettings(StrictModel):
     """A cloud node: listen address, backend choice, and per-request limits."""
 
-    listen: str = Field(default="127.0.0.1:50053", pattern=r"^\S+:\d{1,5}$")
+    listen: str = "127.0.0.1:50053"
     """HOST:PORT the gRPC server binds (port 0: any free port)."""
+
+    _listen = field_validator("listen")(check_address)
 
     backend: Literal["transformers", "openai"] = "transformers"
     """``transformers``: load ``model`` in this process; ``openai``: forward to the

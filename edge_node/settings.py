@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from edge_node.agent_settings import RegisterSettings
-from tidegate.config import ModelSettings, StrictModel
+from tidegate.config import ModelSettings, StrictModel, check_address
 from tidegate.tls import ServerTls
 
 
@@ -37,8 +37,10 @@ class EstimatorSettings(StrictModel):
 class EdgeSettings(StrictModel):
     """An edge node: which model, which confidence estimator, where to listen."""
 
-    listen: str = Field(default="127.0.0.1:50052", pattern=r"^.+:\d{1,5}$")
+    listen: str = "127.0.0.1:50052"
     """HOST:PORT the ModelNode gRPC server binds (port 0 picks a free one)."""
+
+    _listen = field_validator("listen")(check_address)
 
     model: ModelSettings = ModelSettings(source="smollm2-135m", quantization="int4")
     """The local model: a bundled name, Hugging Face id, folder or .gguf path."""

@@ -42,10 +42,19 @@ from starlette.routing import Route
 
 from router import openai_errors as errors
 from router import openai_schema as schema
+from router.auth import PermissionDenied
 from router.domain import Restart, RouteRequest, RouteResult
 from router.pipeline import Pipeline
 from router.settings import HttpSettings
-from tidegate.errors import ConfigError, DeadlineExceeded, TidegateError
+from tidegate.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TidegateError,
+    Unauthenticated,
+)
 from tidegate.logs import bind_request_id
 from tidegate.server import split_address
 from tidegate.tls import ServerTls
@@ -56,6 +65,14 @@ log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # \ud800-\udfff in a JSON string
 TIMEOUT_HEADER = "x-tidegate-timeout"  # seconds; shortens http.request_timeout_s
+# Refusals of the request itself, which no deadline explains (see _past_deadline).
+_THE_REQUESTS_FAULT = (
+    InvalidArgument,
+    Unauthenticated,
+    PermissionDenied,
+    ResourceExhausted,
+    NotFound,
+)
 
 
 def _json_response(
@@ -279,8 +296,10 @@ class OpenAIHttp:
     def _past_deadline(self, exc: BaseException, deadline: float | None) -> BaseException:
         """Whatever failed once the deadline has passed failed because of it
         (a node cut off by its timeout reports UNAVAILABLE): 504, as gRPC would.
-        The pipeline's node calls end ``policy.deadline_margin_s`` early."""
-        if deadline is None:
+        The pipeline's node calls end ``policy.deadline_margin_s`` early. A refusal
+        of the request itself (bad input, auth, budget, unknown model) stays what
+        it is, however close the deadline: a retry with more time would fail too."""
+        if deadline is None or isinstance(exc, _THE_REQUESTS_FAULT):
             return exc
         margin = self.pipeline.policy.deadline_margin_s
         if asyncio.get_running_loop().time() >= deadline - margin:
@@ -288,7 +307,7 @@ class OpenAIHttp:
                 return DeadlineExceeded(
                     "the request's deadline passed before an answer was ready "
                     f"(http.request_timeout_s or {TIMEOUT_HEADER}); last error: "
-                    f"{exc or type(exc).__name__}"
+                    f"{str(exc) or type(exc).__name__}"
                 )
         return exc
 

@@ -86,7 +86,7 @@ class TidegateOptions(BaseModel):
 class ChatCompletionRequest(_Lenient):
     model: str = Field(min_length=1, max_length=256)
     messages: list[Message]
-    stream: bool = False
+    stream: bool | None = False  # null: not streamed, as the OpenAI spec allows
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=2**31 - 1)

@@ -22,17 +22,11 @@ from router.guard_settings import (
     RuleSettings,
     TenantSettings,
 )
-from tidegate.config import StrictModel, load_config
-from tidegate.server import split_address
+from tidegate.config import StrictModel, check_address, load_config
 
 ENV_PREFIX = "TIDEGATE_ROUTER"
 # The defaults spelled out as YAML, with comments: what `tidegate up` starts from.
 DEFAULT_POLICY_PATH = Path(__file__).with_name("default_policy.yaml")
-
-
-def _check_address(value: str) -> str:
-    split_address(value)  # raises ValueError naming the bad address
-    return value
 
 
 class EdgeTarget(StrictModel):
@@ -53,7 +47,7 @@ class EdgeTarget(StrictModel):
     measured ones); with a client deadline, an edge attempt that would not leave
     the cloud time to answer is skipped. None: unknown until measured."""
 
-    _address = field_validator("address")(_check_address)
+    _address = field_validator("address")(check_address)
 
 
 class CloudTarget(StrictModel):
@@ -74,7 +68,7 @@ class CloudTarget(StrictModel):
     measured ones); with a client deadline, an edge attempt that would not leave
     the cloud time to answer is skipped. None: unknown until measured."""
 
-    _address = field_validator("address")(_check_address)
+    _address = field_validator("address")(check_address)
 
 
 class EdgeBudget(StrictModel):
@@ -233,7 +227,7 @@ class HttpSettings(StrictModel):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     """Larger request bodies are refused (400) before they are parsed."""
 
-    _listen = field_validator("listen")(_check_address)
+    _listen = field_validator("listen")(check_address)
 
 
 class RegistrySettings(StrictModel):
@@ -389,7 +383,7 @@ class RouterSettings(StrictModel):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     """Edges that register themselves and heartbeat (the edge registry)."""
 
-    _listen = field_validator("listen")(_check_address)
+    _listen = field_validator("listen")(check_address)
 
     @property
     def registry_store(self) -> tuple[Literal["memory", "redis"], str | None]:

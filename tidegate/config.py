@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tidegate.errors import ConfigError
 
@@ -59,12 +59,28 @@ class ModelSettings(StrictModel):
     threads: int | None = Field(default=None, ge=1, le=256)
     """torch intra-op threads; default: all cores."""
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on / off as true / false.
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     cache_dir: str | None = None
     """Where converted (GGUF → safetensors) models are kept; default
     $TIDEGATE_CACHE_DIR or ~/.cache/tidegate."""
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def check_address(value: str) -> str:
+    """A HOST:PORT field: ValueError unless it is one, its port 0-65535."""
+    from tidegate.server import split_address
+
+    _, port = split_address(value)  # raises ValueError naming the bad address
+    if port > 65535:  # gRPC and sockets would wrap it to another port, silently
+        raise ValueError(f"port must be 0-65535 (0: any free port), got {value!r}")
+    return value
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -90,15 +106,33 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
 def env_overrides(prefix: str, environ: Mapping[str, str]) -> dict[str, Any]:
     """``PREFIX__CACHE__URL=redis://…`` → ``{"cache": {"url": "redis://…"}}``.
 
-    Values are parsed as YAML scalars, so ``0.7`` is a number and ``true`` a bool.
+    A value stays the string it is, and the field's type reads it as pydantic
+    reads a string (``0.7`` for a number, ``true`` / ``off`` for a flag): parsed as
+    YAML, ``prod:cache:`` would be a mapping, ``0123456`` a number, ``@v1`` an
+    error and ``v2 #canary`` would lose its ``#canary``. Two exceptions: ``null``
+    or ``~`` is None, and a value in brackets or braces (``[a, b]``, ``{k: v}``)
+    is a YAML list or mapping, for the fields that hold one.
     """
     overrides: dict[str, Any] = {}
     marker = prefix.upper() + "__"
     for name, raw in environ.items():
         if name.startswith(marker):
             path = [part.lower() for part in name[len(marker) :].split("__")]
-            _set_path(overrides, path, yaml.safe_load(raw) if raw else raw)
+            _set_path(overrides, path, _env_value(name, raw))
     return overrides
+
+
+def _env_value(name: str, raw: str) -> Any:
+    text = raw.strip()
+    if text in ("null", "~"):
+        return None
+    if not (text.startswith("[") or text.startswith("{")):
+        return raw
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"environment variable {name}: {problem} in {raw!r}") from None
 
 
 def merge_dicts(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -258,6 +258,7 @@ async def test_harmless_openai_fields_are_accepted(duo):
     base, _, _ = duo
     body = ask(
         n=1,
+        stream=None,  # the spec's boolean-or-null: not streamed
         tools=[],
         logprobs=False,
         presence_penalty=0,
@@ -321,9 +322,17 @@ async def test_deadline_is_504(stack):
         stack.server.http_url, ask(**ESCALATE), headers={"x-tidegate-timeout": "0.5"}
     )
     assert response.status_code == 504
-    assert response.json()["error"]["code"] == "timeout"
+    error = response.json()["error"]
+    assert error["code"] == "timeout"
+    assert not error["message"].endswith("last error: ")  # a TimeoutError says nothing itself
     bad = await post(stack.server.http_url, ask(**ESCALATE), headers={"x-tidegate-timeout": "soon"})
     assert bad.status_code == 400 and "x-tidegate-timeout" in bad.json()["error"]["message"]
+    # A request refused for itself is refused so however short its deadline: not a 504.
+    hot = await post(
+        stack.server.http_url, ask(temperature=5), headers={"x-tidegate-timeout": "0.001"}
+    )
+    assert hot.status_code == 400, hot.text
+    assert "temperature" in hot.json()["error"]["message"]
 
 
 async def test_a_stream_cut_after_its_first_token_ends_with_an_error_event(stack):
