@@ -22,7 +22,7 @@ final ``RouteResult`` (whose text is the whole answer) — or an error.
 * **Budgets** as in unary calls: the tenant's cloud budget is reserved before
   the first cloud stream and settled with the tokens it really used. A cloud
   stream cut (by its node or by the client) after text was sent is charged for
-  that text (``StreamRoute._delivered_cost``); one cut before is not charged.
+  that text (``tiers.cloud_charge``); one cut before is not charged.
 
 This module is the flight's work (``router.flights``): identical streams in
 flight share one run and receive the same events.
@@ -41,7 +41,7 @@ from router.domain import Escalation, NodeAnswer, Restart, RouteResult, Tier
 from router.failover import edge_deadline
 from router.nodes import NodeClient, NodeRejected, NodeUnavailable, node_request
 from router.plan import Plan
-from router.policy import Decision, EdgeSignal, estimate_text_tokens, judge_edge, pre_route
+from router.policy import Decision, EdgeSignal, judge_edge, pre_route
 from router.provenance import Stopwatch
 from router.tiers import EdgeOutcome, edge_rejected
 from tidegate.errors import DeadlineExceeded, Unavailable
@@ -188,26 +188,13 @@ class StreamRoute:
                     spent = event.prompt_tokens + event.completion_tokens
                 yield event
         finally:
-            if spent is None:  # cut (by the node or the client) before the final message
-                spent = self._delivered_cost(delivered) if delivered else 0
-            await self.p.budgets.settle(reservation, spent)
-
-    def _delivered_cost(self, deltas: list[str]) -> int:
-        """What a cloud stream cut after sending ``deltas`` is charged.
-
-        The node counts tokens only in its final message, which a cut stream
-        never brings. Refunding the reservation would make the text the client
-        already holds free (and a sampled stream, never coalesced, can be cut
-        again and again), so the delivered part is charged, estimated the way
-        the reservation was: the prompt as reserved, plus the text's tokens.
-        A node sends a delta once at least one more token is decoded, so each
-        delta is at least a token; the router's tokenizer-free estimate
-        (``estimate_text_tokens``) may count more. Never past max_new_tokens,
-        which is all the node could generate.
-        """
-        facts = self.plan.facts
-        tokens = max(len(deltas), estimate_text_tokens("".join(deltas)))
-        return self.p.budgets.estimate(facts.prompt_tokens, min(tokens, facts.max_new_tokens))
+            # The node counts tokens only in its final message, which a cut stream never
+            # brings (spent None): refunding would make the text the client already holds
+            # free, and a sampled stream, never coalesced, can be cut again and again. A
+            # node sends a delta once at least one more token is decoded: a token each.
+            text = "".join(delivered)
+            charge = tiers.cloud_charge(self.p, self.plan, spent, text, len(delivered))
+            await self.p.budgets.settle(reservation, charge)
 
     async def _cloud_streams(self, edge: EdgeOutcome) -> AsyncIterator[StreamEvent]:
         p, plan, watch = self.p, self.plan, self.watch

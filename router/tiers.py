@@ -26,7 +26,7 @@ from router.domain import Escalation, NodeAnswer, RouteResult, Tier
 from router.failover import TierUnavailable, ask_tier, edge_deadline
 from router.nodes import NodeRejected, node_request
 from router.plan import Plan
-from router.policy import Decision, EdgeSignal, judge_edge, pre_route
+from router.policy import Decision, EdgeSignal, estimate_text_tokens, judge_edge, pre_route
 from router.provenance import Stopwatch
 from tidegate.errors import DeadlineExceeded, InvalidArgument, Unavailable
 
@@ -159,9 +159,26 @@ async def ask_cloud(
         ) from exc
     finally:
         watch.cloud_ms += Stopwatch.since(started)
-        spent = 0 if answer is None else answer.prompt_tokens + answer.completion_tokens
+        spent = 0
+        if answer is not None:
+            reported = answer.prompt_tokens + answer.completion_tokens
+            spent = cloud_charge(p, plan, reported, answer.text)
         await p.budgets.settle(reservation, spent)
     return answer
+
+
+def cloud_charge(p: Pipeline, plan: Plan, reported: int | None, text: str, pieces: int = 0) -> int:
+    """What a cloud answer is charged: the tokens the node reports. A node that
+    reports none for text it sent (an upstream without usage, or a stream cut before
+    its final message, ``reported`` None) is charged the router's estimate, made the
+    way the reservation was: the prompt as reserved plus the text's tokens (at least
+    one per streamed piece), never past max_new_tokens. Never nothing for text the
+    client holds: that would make such a node's answers free against any budget."""
+    if reported or not text:
+        return reported or 0
+    facts = plan.facts
+    tokens = max(pieces, estimate_text_tokens(text))
+    return p.budgets.estimate(facts.prompt_tokens, min(tokens, facts.max_new_tokens))
 
 
 def over_budget_or_raise(

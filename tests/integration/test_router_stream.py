@@ -311,3 +311,41 @@ async def test_a_cloud_stream_cut_after_deltas_is_charged_for_the_text_it_sent(s
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and len(deltas) == 2
     used = await settled_usage(stack, "acme", limit, reservation(request))
     assert reservation(request, len(deltas)) <= used < reservation(request)
+
+
+class NoUsageBackend(CountingBackend):
+    """A cloud whose upstream reports no usage (an OpenAI-compatible server that
+    sends neither ``usage`` nor log-probs): its answers say 0 tokens."""
+
+    async def generate(self, request: Any) -> Any:
+        answer = await super().generate(request)
+        answer.prompt_tokens, answer.reported_completion_tokens = 0, 0
+        return answer
+
+    async def stream(self, request: Any) -> Any:
+        async for item in super().stream(request):
+            if not isinstance(item, str):
+                item.prompt_tokens, item.reported_completion_tokens = 0, 0
+            yield item
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_cloud_that_reports_no_usage_is_charged_its_text(stack, streamed):
+    cloud_server = await stack.node("cloud", NoUsageBackend(cloud_backend()), estimator=None)
+    limit = 100_000
+    await stack.router(
+        [],
+        [cloud_server.address],
+        budgets={"tenants": [{"tenant": "acme", "cloud_tokens_per_day": limit}]},
+        cache={"enabled": False},
+    )
+    request = ask(tenant="acme")
+    if streamed:
+        deltas = [e.delta async for e in stack.stub.GenerateStream(request, timeout=30)]
+        text = "".join(deltas)
+    else:
+        text = (await stack.stub.Generate(request, timeout=30)).text
+    assert text
+    used = await settled_usage(stack, "acme", limit, reservation(request))
+    # Not free: the prompt as reserved and the text's tokens; not the whole reservation.
+    assert reservation(request, 1) <= used <= reservation(request)
