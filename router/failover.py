@@ -134,14 +134,21 @@ async def ask_tier(
             if exc.timed_out:
                 skipped.add(id(node))
     failures += [_cooling_failure(n) for n in cooling]
-    if deadline is not None and loop.time() >= deadline - DEADLINE_SLACK_S:
-        # The request ran out of time (its last attempt was cut at the deadline):
-        # that is the client's DEADLINE_EXCEEDED, not the tier being down.
+    raise_if_past_deadline(deadline, tier, failures)
+    raise TierUnavailable(tier, failures, note)
+
+
+def raise_if_past_deadline(
+    deadline: float | None, tier: str, failures: Sequence[NodeUnavailable]
+) -> None:
+    """DeadlineExceeded once the request has run out of time: its last attempt was
+    cut at the deadline, which is the client's DEADLINE_EXCEEDED, not the tier down
+    (nor a reason for a degraded answer)."""
+    if deadline is not None and asyncio.get_running_loop().time() >= deadline - DEADLINE_SLACK_S:
         raise DeadlineExceeded(
             f"the deadline passed while asking the {tier} tier: "
             + "; ".join(describe_failures(failures))
         )
-    raise TierUnavailable(tier, failures, note)
 
 
 def _cooling_failure(node: NodeClient) -> NodeCoolingDown:

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from router import provenance
 from router.budgets import BudgetExceeded
 from router.domain import Escalation, NodeAnswer, Restart, RouteResult, Tier
-from router.failover import edge_deadline
+from router.failover import edge_deadline, raise_if_past_deadline
 from router.nodes import NodeClient, NodeRejected, NodeUnavailable, node_request
 from router.plan import Plan
 from router.policy import Decision, EdgeSignal, judge_edge, pre_route
@@ -219,6 +219,7 @@ class StreamRoute:
                         "retry the request"
                     ) from exc
                 failures.append(exc)
+                raise_if_past_deadline(self.deadline, "cloud", failures)
                 continue
             except NodeRejected as exc:
                 raise p._rejected_by_cloud(exc) from exc

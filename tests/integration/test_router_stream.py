@@ -349,3 +349,24 @@ async def test_a_cloud_that_reports_no_usage_is_charged_its_text(stack, streamed
     used = await settled_usage(stack, "acme", limit, reservation(request))
     # Not free: the prompt as reserved and the text's tokens; not the whole reservation.
     assert reservation(request, 1) <= used <= reservation(request)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_running_out_of_time_on_the_cloud_is_deadline_exceeded_not_a_degraded_answer(
+    stack, streamed
+):
+    edge_server = await stack.node("edge", tiny_backend(seed=0))
+    slow_cloud = CountingBackend(cloud_backend(), delay_s=3.0)  # nothing before 3 s
+    cloud_server = await stack.node("cloud", slow_cloud, estimator=None)
+    await stack.router(
+        [edge_server.address],
+        [cloud_server.address],
+        policy={"on_cloud_unavailable": "degraded"},  # the tier is not down: no degraded answer
+    )
+    request = ask(min_confidence=1.0)  # escalates
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        if streamed:
+            await collect(stack.stub.GenerateStream(request, timeout=1.0))
+        else:
+            await stack.stub.Generate(request, timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
