@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from router import provenance
 from router.cache import CacheEntry, EmbeddedCache, ResponseCache
@@ -69,10 +69,14 @@ class CacheGate:
         self.misses = 0  # lookups that could not answer the request
         self.semantic_hits = 0  # of hits: by a semantic match
         self._model_probed_at: dict[Tier, float] = {}
+        self._probes: set[asyncio.Future[Any]] = set()  # model probes still running
 
-    async def lookup(self, plan: Plan, watch: Stopwatch, version: str) -> RouteResult | None:
+    async def lookup(
+        self, plan: Plan, watch: Stopwatch, version: str, deadline: float | None = None
+    ) -> RouteResult | None:
         """A cached answer for the plan: the exact key first, then (opt-in) a
-        guarded semantic match. None when nothing may answer it."""
+        guarded semantic match. None when nothing may answer it. ``deadline``
+        (event-loop time) bounds the wait for nodes' models (``_entry_is_current``)."""
         if (
             self.cache is None
             or not plan.cacheable
@@ -93,7 +97,7 @@ class CacheGate:
             or not may_serve_cached(
                 entry.source_tier, entry.confidence, entry.estimator, plan.facts
             )
-            or not await self._entry_is_current(entry)
+            or not await self._entry_is_current(entry, deadline)
         ):
             self.misses += 1
             return None
@@ -149,6 +153,8 @@ class CacheGate:
             await _best_effort(self.semantic.add(plan), "semantic cache indexing failed")
 
     async def close(self) -> None:
+        for probe in list(self._probes):
+            probe.cancel()
         if self.semantic is not None:
             await self.semantic.close()
         if self.cache is not None:
@@ -165,20 +171,38 @@ class CacheGate:
         assert self.cache is not None
         return await _best_effort(self.cache.get(key), "cache lookup failed, answering without it")
 
-    async def _entry_is_current(self, entry: CacheEntry) -> bool:
+    async def _entry_is_current(self, entry: CacheEntry, deadline: float | None = None) -> bool:
         """Whether the model that produced ``entry`` still serves its tier.
 
         The router learns each node's model from its answers and its Info
         (probed here when a tier's models are not known yet, at most every
         MODEL_PROBE_INTERVAL_S). An entry whose model no node of its tier
-        serves any more is a miss, and the fresh answer replaces it.
+        serves any more is a miss, and the fresh answer replaces it. The probes
+        run side by side, and the first that names the entry's model settles it:
+        a node that never answers must not hold up a cache hit, nor outlast the
+        request's ``deadline`` (past it, the entry counts as not current).
         """
         nodes = self.edges if entry.source_tier is Tier.EDGE else self.clouds
-        models = {n.health.model for n in nodes if n.health.model}
+
+        def current() -> bool:
+            return entry.model in {n.health.model for n in nodes if n.health.model}
+
         now = time.monotonic()
         probed = self._model_probed_at.get(entry.source_tier)
-        if not models and nodes and (probed is None or now - probed >= MODEL_PROBE_INTERVAL_S):
-            self._model_probed_at[entry.source_tier] = now
-            await asyncio.gather(*(n.probe() for n in nodes))
-            models = {n.health.model for n in nodes if n.health.model}
-        return entry.model in models
+        known = any(n.health.model for n in nodes)
+        if known or not nodes or (probed is not None and now - probed < MODEL_PROBE_INTERVAL_S):
+            return current()
+        self._model_probed_at[entry.source_tier] = now
+        probes = [asyncio.ensure_future(n.probe()) for n in nodes]
+        for task in probes:  # the rest finish in the background, updating node health
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+        left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        try:
+            for probe in asyncio.as_completed(probes, timeout=left):
+                await probe
+                if current():
+                    return True
+        except TimeoutError:
+            log.info("no node's model known by the request's deadline: the cache entry waits")
+        return current()

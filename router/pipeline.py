@@ -138,7 +138,7 @@ class Pipeline:
         plan = make_plan(request, self.settings)
         bind_request_id(plan.request_id)
         deadline = await self._begin(plan, deadline)
-        hit = await self.cache_gate.lookup(plan, watch, self.version)
+        hit = await self.cache_gate.lookup(plan, watch, self.version, deadline)
         if hit is not None:
             return hit
         if not plan.cacheable:  # two sampled requests expect two samples: no sharing
@@ -205,7 +205,7 @@ class Pipeline:
         plan = make_plan(request, self.settings)
         bind_request_id(plan.request_id)
         deadline = await self._begin(plan, deadline)
-        hit = await self.cache_gate.lookup(plan, watch, self.version)
+        hit = await self.cache_gate.lookup(plan, watch, self.version, deadline)
         if hit is not None:
             if hit.text:
                 yield hit.text

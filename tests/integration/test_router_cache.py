@@ -328,3 +328,26 @@ async def test_a_cached_edge_answer_from_another_estimator_is_not_served(stack, 
     default = await after.Generate(ask(tenant="scale"), timeout=30)
     assert default.tier == router_pb2.TIER_CLOUD
     assert "calibrated for 'gain'" in default.escalation_reason
+
+
+async def test_a_silent_node_does_not_hold_up_a_cache_hit(stack, redis_prefix):
+    """A fresh router learns its nodes' models before serving a shared entry; the
+    first node that names the entry's model settles it, and a node that accepts
+    connections but never answers (a hung host) neither delays the hit nor, with
+    nobody naming it, outlasts the request's deadline."""
+    import socket
+
+    cloud = CountingBackend(cloud_backend())
+    server = await stack.node("cloud", cloud, estimator=None)
+    cache = {"url": REDIS_URL, "key_prefix": redis_prefix, "ttl_s": 60}
+    first = await stub_for(stack, await stack.router([], [server.address], cache=cache))
+    await first.Generate(ask(tenant="hung"), timeout=30)
+    hung = socket.socket()  # accepts TCP, never speaks HTTP/2
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    stack.exits.callback(hung.close)
+    hung_node = "127.0.0.1:%d" % hung.getsockname()[1]
+    fresh = await stub_for(stack, await stack.router([], [server.address, hung_node], cache=cache))
+    # A deadline shorter than the hung node's probe (3 s): waiting for it ran out of time.
+    hit = await fresh.Generate(ask(tenant="hung"), timeout=1.5)
+    assert hit.tier == router_pb2.TIER_CACHE and cloud.calls == 1
