@@ -346,7 +346,7 @@ async def test_a_silent_node_does_not_hold_up_a_cache_hit(stack, redis_prefix):
     hung.bind(("127.0.0.1", 0))
     hung.listen(8)
     stack.exits.callback(hung.close)
-    hung_node = "127.0.0.1:%d" % hung.getsockname()[1]
+    hung_node = f"127.0.0.1:{hung.getsockname()[1]}"
     fresh = await stub_for(stack, await stack.router([], [server.address, hung_node], cache=cache))
     # A deadline shorter than the hung node's probe (3 s): waiting for it ran out of time.
     hit = await fresh.Generate(ask(tenant="hung"), timeout=1.5)
