@@ -29,16 +29,19 @@ fail with UNAVAILABLE: budgets are enforced, never silently skipped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from router.guard_settings import BudgetLimits, BudgetSettings
 from tidegate.errors import ResourceExhausted, Unavailable
@@ -193,24 +196,59 @@ class MemoryBudgetStore:
             self._counters.clear()
 
 
-# KEYS[i]: a window's counter. ARGV[1]: cost; then per key: limit, ttl.
+# KEYS: the windows' counters, then (with a marker ttl > 0) this take's marker.
+# ARGV[1]: cost; then per counter: limit, ttl; last: the marker's ttl, or 0 for none.
 # Check every window first, then add to all: all-or-nothing, in one atomic script.
+# The marker records what was taken, so that a take whose reply never came can be
+# undone (_UNDO); one found already there is a take undone before it ran: a no-op.
 _TAKE = """
+local n = #KEYS
+local marker_ttl = tonumber(ARGV[#ARGV])
+local marker = nil
+if marker_ttl > 0 then
+  marker = KEYS[n]
+  n = n - 1
+  if redis.call('EXISTS', marker) == 1 then
+    return {0, 0}
+  end
+end
 local cost = tonumber(ARGV[1])
-for i = 1, #KEYS do
+for i = 1, n do
   local used = tonumber(redis.call('GET', KEYS[i]) or '0')
   if used + cost > tonumber(ARGV[2 * i]) then
     return {i, used}
   end
 end
-for i = 1, #KEYS do
+for i = 1, n do
   redis.call('INCRBY', KEYS[i], cost)
   if redis.call('TTL', KEYS[i]) < 0 then
     redis.call('EXPIRE', KEYS[i], ARGV[2 * i + 1])
   end
 end
+if marker then
+  redis.call('SET', marker, cost, 'EX', marker_ttl)
+end
 return {0, 0}
 """
+
+# Undo a take whose reply never came: give back what its marker says it took (counters
+# that still exist), and leave the marker as a tombstone so the take, if it has not
+# run yet, never will. KEYS as _TAKE's; ARGV[1]: the marker's ttl.
+_UNDO = """
+local marker = KEYS[#KEYS]
+local taken = redis.call('GET', marker)
+redis.call('SET', marker, 'undone', 'EX', ARGV[1])
+if taken and taken ~= 'undone' then
+  for i = 1, #KEYS - 1 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      redis.call('DECRBY', KEYS[i], taken)
+    end
+  end
+end
+return 0
+"""
+MARKER_TTL_S = 60  # past the last undo attempt, and any reply that late (the client waits 2 s)
+UNDO_ATTEMPTS = (0.5, 2.0, 8.0)  # seconds before each try: the store may be slow a while
 
 # Settle: adjust only counters that still exist (an expired window stays gone).
 _ADJUST = """
@@ -234,7 +272,9 @@ class RedisBudgetStore:
         self._redis = client
         self.key_prefix = key_prefix
         self._take = client.register_script(_TAKE)
+        self._undo = client.register_script(_UNDO)
         self._adjust = client.register_script(_ADJUST)
+        self._undoing: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, key_prefix: str) -> RedisBudgetStore:
@@ -252,8 +292,38 @@ class RedisBudgetStore:
         for check in checks:
             args += [check.limit, check.slot.window.seconds + 60]
         keys = [self.key(tenant, c.slot) for c in checks]
-        failed, used = await self._take(keys=keys, args=args)
+        # A marker for what outlasts its second (tokens for a minute or a day): a
+        # request count left behind is gone with its second anyway.
+        marked = any(c.slot.window.seconds > 1 for c in checks)
+        if marked:
+            keys.append(f"{self.key_prefix}take:{uuid.uuid4().hex}")
+        try:
+            failed, used = await self._take(keys=keys, args=[*args, MARKER_TTL_S if marked else 0])
+        except (RedisError, OSError):
+            if not marked:
+                raise
+            # No reply (a timeout, a dropped connection): the script may have run, or
+            # may yet. The caller refuses the request, so undo it in the background;
+            # without this, a slow moment of the store charged tokens nothing used.
+            task = asyncio.create_task(self._undo_later(keys))
+            self._undoing.add(task)
+            task.add_done_callback(self._undoing.discard)
+            raise
         return int(failed) - 1, int(used)
+
+    async def _undo_later(self, keys: list[str]) -> None:
+        for wait in UNDO_ATTEMPTS:
+            await asyncio.sleep(wait)
+            try:
+                await self._undo(keys=keys, args=[MARKER_TTL_S])
+                return
+            except (RedisError, OSError) as exc:
+                last = exc
+        log.warning(
+            "could not undo a budget take whose reply never came (%s): its tokens stay "
+            "counted until the window ends",
+            last,
+        )
 
     async def adjust(self, tenant: str, delta: int, slots: tuple[Slot, ...]) -> None:
         await self._adjust(keys=[self.key(tenant, s) for s in slots], args=[delta])
@@ -263,6 +333,8 @@ class RedisBudgetStore:
         return [int(v) if v is not None else 0 for v in values]
 
     async def close(self) -> None:
+        for task in list(self._undoing):
+            task.cancel()
         await self._redis.aclose()
 
 
