@@ -316,9 +316,15 @@ class OpenAIHttp:
         if isinstance(exc, TidegateError):
             return errors.http_error(exc)
         log.exception("unexpected error while serving an HTTP request", exc_info=exc)
+        # What went wrong inside stays in the log (paths, hosts, internals), which the
+        # request id (x-tidegate-request-id) finds; the client learns it was not its fault.
         return errors.HttpError(
             500,
-            errors.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"),
+            errors.error_body(
+                "internal error in the router: its log has the details under this "
+                "request's x-tidegate-request-id",
+                "server_error",
+            ),
         )
 
     def _error(self, exc: BaseException, headers: dict[str, str] | None = None) -> Response:

@@ -106,7 +106,7 @@ def _unset(value: Any) -> bool:
 # Refused only when they would change the answer: `n: 1`, `tools: []` and
 # `logprobs: false` pass, as clients often send them by default.
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda v: v in (None, 1), "n > 1 is not supported: ask once per completion"),
+    "n": (lambda v: v in (None, 1), "only n = 1 is supported: ask once per completion"),
     "frequency_penalty": (lambda v: v in (None, 0), "frequency_penalty is not supported: use 0"),
     "presence_penalty": (lambda v: v in (None, 0), "presence_penalty is not supported: use 0"),
     "tools": (_unset, "tools (tool calling) is not supported by tidegate's models"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import ssl
 import uuid
@@ -208,7 +209,8 @@ async def test_unknown_model_is_404_model_not_found(duo):
         pytest.param(
             ask(messages=[{"role": "user", "content": "  "}]), None, "question is empty", id="blank"
         ),
-        pytest.param(ask(n=2), "n", "n > 1", id="n"),
+        pytest.param(ask(n=2), "n", "only n = 1", id="n"),
+        pytest.param(ask(n=0), "n", "only n = 1", id="n=0"),
         pytest.param(
             ask(tools=[{"type": "function", "function": {"name": "f"}}]),
             "tools",
@@ -687,3 +689,14 @@ async def test_a_busy_http_port_fails_startup_naming_the_field(stack):
         )
         with pytest.raises(ConfigError, match=rf"http.listen 127.0.0.1:{port}: cannot listen"):
             await serve_router(settings)
+
+
+def test_an_unexpected_error_is_500_without_its_internals(caplog):
+    from router.openai_http import OpenAIHttp
+
+    with caplog.at_level(logging.ERROR, logger="router.openai_http"):
+        error = OpenAIHttp._http_error(RuntimeError("cannot open /srv/secret/keys.db"))
+    assert error.status == 500 and error.body["error"]["type"] == "server_error"
+    assert "secret" not in json.dumps(error.body)  # the client gets no paths or hosts
+    assert "x-tidegate-request-id" in error.body["error"]["message"]
+    assert "cannot open /srv/secret/keys.db" in caplog.text  # the operator does
