@@ -178,6 +178,10 @@ class StreamRoute:
             result = tiers.over_budget_or_raise(self.p, self.plan, edge, self.watch, exc)
             yield provenance.restarted(result) if self.restarted else result
             return
+        except Unavailable as exc:  # the budget store is down: as unary calls, by policy
+            result = self.p._degraded_or_raise(self.plan, edge, self.watch, exc)
+            yield provenance.restarted(result) if self.restarted else result
+            return
         spent: int | None = None  # the node's own count, sent with its final message
         delivered: list[str] = []  # cloud text the client already holds
         try:

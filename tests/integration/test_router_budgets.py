@@ -23,6 +23,7 @@ from tests.support.stack import (
     CountingBackend,
     ask,
     cloud_backend,
+    collect,
     status_code,
 )
 from tidegate.v1 import router_pb2
@@ -165,3 +166,22 @@ async def test_requests_per_second(stack):
     assert "requests_per_second budget" in refused[0].details()
     await asyncio.sleep(1.0)
     assert (await stack.stub.Generate(ask(tenant="acme"), timeout=30)).text
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_budget_store_that_stops_answering_degrades_as_the_policy_says(stack, streamed):
+    from tests.support.redis_proxy import SlowReplies
+
+    async with SlowReplies() as store:
+        edge, cloud = await stack.counted_pair(
+            budgets={**budgets(cloud_tokens_per_day=LIMIT), "url": store.url},
+            policy={"on_cloud_unavailable": "degraded"},
+        )
+        store.delay_s = 3.0  # past the client's 2 s: every reservation goes unanswered
+        request = ask(min_confidence=1.0, tenant="acme")  # escalates
+        if streamed:
+            _, answer = await collect(stack.stub.GenerateStream(request, timeout=30))
+        else:
+            answer = await stack.stub.Generate(request, timeout=30)
+    assert answer.tier == router_pb2.TIER_EDGE and "degraded" in answer.flags
+    assert cloud.calls == 0
