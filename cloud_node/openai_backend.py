@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -41,6 +42,20 @@ from tidegate.errors import (
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 500
+MAX_COUNT = 2**31 - 1  # token counts travel as int32 and uint32
+# What reading a server's JSON can raise on a malformed (or hostile) answer: the
+# server's fault, so UNAVAILABLE (the router falls back), never INTERNAL.
+_MALFORMED = (
+    ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError, RecursionError
+)  # fmt: skip
+
+
+def _count(value: Any) -> int:
+    """A token count from a server: ValueError unless a whole number in [0, MAX_COUNT]."""
+    count = int(value)
+    if (isinstance(value, float) and count != value) or not 0 <= count <= MAX_COUNT:
+        raise ValueError(f"token count {value!r} is not a count")
+    return count
 
 
 def request_body(
@@ -68,12 +83,29 @@ def request_body(
     return body
 
 
-def server_message(body: bytes) -> str:
-    """The human-readable error in an error response, whatever the server's dialect."""
+def public_url(url: str) -> str:
+    """``url`` without credentials (``user:pass@``), query or fragment: what may be
+    shown in errors, logs and the node's model identity."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment=""))
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with ``secret`` (our API key, which a server may quote back) masked."""
+    return text.replace(secret, "***") if secret else text
+
+
+def server_message(body: bytes, secret: str | None = None) -> str:
+    """The human-readable error in an error response, whatever the server's dialect
+    (``secret``, the API key, masked wherever it is quoted)."""
+    return redact(_server_message(body), secret)
+
+
+def _server_message(body: bytes) -> str:
     text = body.decode("utf-8", errors="replace").strip()
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text[:MAX_ERROR_CHARS] or "(empty body)"
     message: Any = data
     if isinstance(data, dict):
@@ -87,9 +119,12 @@ def server_message(body: bytes) -> str:
     return message[:MAX_ERROR_CHARS]
 
 
-def error_for_status(status: int, body: bytes, url: str) -> TidegateError:
-    """The tidegate error for an HTTP error status from the server at ``url``."""
-    message = server_message(body)
+def error_for_status(
+    status: int, body: bytes, url: str, secret: str | None = None
+) -> TidegateError:
+    """The tidegate error for an HTTP error status from the server at ``url``
+    (``secret``: our API key, masked if the server quotes it)."""
+    message = server_message(body, secret)
     if status in (400, 413, 422):
         return InvalidArgument(f"the cloud model rejected the request: {message}")
     if status in (401, 403):
@@ -170,9 +205,9 @@ class _Answer:
 
     def add_usage(self, usage: Any) -> None:
         if isinstance(usage, Mapping):
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.prompt_tokens = _count(usage.get("prompt_tokens") or 0)
             if usage.get("completion_tokens") is not None:
-                self.completion_tokens = int(usage["completion_tokens"])
+                self.completion_tokens = _count(usage["completion_tokens"])
 
     def generation(self, request: GenerationRequest, model: str, started: float) -> Generation:
         completion = self.completion_tokens
@@ -203,10 +238,12 @@ class OpenAIBackend:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
-        self.base_url = settings.base_url.rstrip("/")
-        self.url = f"{self.base_url}/chat/completions"
+        origin = settings.base_url.rstrip("/")
+        self.url = f"{origin}/chat/completions"  # credentials in it, if any, are sent…
+        self.base_url = public_url(origin)  # …but never shown
         headers = {"Accept": "application/json"}
         key = _api_key(settings, os.environ if environ is None else environ)
+        self._key = key
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self._client = httpx.AsyncClient(
@@ -243,16 +280,17 @@ class OpenAIBackend:
         except httpx.RequestError as exc:
             raise error_for_request(exc, self.base_url) from exc
         if response.status_code != 200:
-            raise error_for_status(response.status_code, response.content, self.base_url)
+            raise error_for_status(response.status_code, response.content, self.base_url, self._key)
         try:
             data = response.json()
             choice = data["choices"][0]
             answer = _Answer()
             answer.add_choice(choice, (choice.get("message") or {}).get("content"))
             answer.add_usage(data.get("usage"))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        except _MALFORMED as exc:
             raise Unavailable(
-                f"cloud server {self.base_url} sent a malformed answer: {type(exc).__name__}: {exc}"
+                f"cloud server {self.base_url} sent a malformed answer: {type(exc).__name__}: "
+                f"{redact(str(exc), self._key)[:MAX_ERROR_CHARS]}"
             ) from exc
         return answer.generation(request, self._info.model, started)
 
@@ -266,11 +304,20 @@ class OpenAIBackend:
             ) as response:
                 if response.status_code != 200:
                     body = await response.aread()
-                    raise error_for_status(response.status_code, body, self.base_url)
+                    raise error_for_status(response.status_code, body, self.base_url, self._key)
+                # httpx's read timeout restarts with every line, keep-alive comments
+                # too: a server that sends only those would hold the stream forever.
+                quiet_since = time.monotonic()
                 async for line in response.aiter_lines():
                     payload = _sse_data(line)
                     if payload is None:
+                        if time.monotonic() - quiet_since > self.settings.timeout_s:
+                            raise DeadlineExceeded(
+                                f"cloud server {self.base_url} sent nothing but keep-alives "
+                                f"for {self.settings.timeout_s}s"
+                            )
                         continue
+                    quiet_since = time.monotonic()
                     if payload == "[DONE]":
                         done = True
                         break
@@ -292,7 +339,7 @@ class OpenAIBackend:
             if "error" in chunk:
                 raise Unavailable(
                     f"cloud server {self.base_url} failed mid-stream: "
-                    f"{server_message(payload.encode())}"
+                    f"{server_message(payload.encode(), self._key)}"
                 )
             answer.add_usage(chunk.get("usage"))
             choices = chunk.get("choices") or []
@@ -300,10 +347,10 @@ class OpenAIBackend:
                 return ""
             content = (choices[0].get("delta") or {}).get("content")
             answer.add_choice(choices[0], content)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except _MALFORMED as exc:
             raise Unavailable(
                 f"cloud server {self.base_url} sent a malformed stream event: "
-                f"{type(exc).__name__}: {exc}"
+                f"{type(exc).__name__}: {redact(str(exc), self._key)[:MAX_ERROR_CHARS]}"
             ) from exc
         return content if isinstance(content, str) else ""
 

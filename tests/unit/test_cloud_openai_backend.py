@@ -270,3 +270,58 @@ async def test_request_errors_beyond_transport_are_unavailable(
         await backend(handler).generate(REQUEST)
     with pytest.raises(Unavailable, match=phrase):
         await collect(backend(handler))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": -1}}',
+        b'{"choices": [{"message": {"content": "x"}}], "usage": {"completion_tokens": 8589934592}}',
+        b'{"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": 1e999}}',
+        b"[" * 100_000 + b"]" * 100_000,  # nested past Python's recursion limit
+    ],
+    ids=["negative-count", "count-past-int32", "infinite-count", "deeply-nested"],
+)
+async def test_answers_a_reply_could_not_carry_are_unavailable_not_internal(content: bytes) -> None:
+    model = backend(lambda r: httpx.Response(200, content=content))
+    with pytest.raises(Unavailable, match="malformed answer"):
+        await model.generate(REQUEST)
+    deep = b"data: " + b"[" * 100_000 + b"\n\n"
+    with pytest.raises(Unavailable, match="malformed stream event"):
+        await collect(backend(lambda r: httpx.Response(200, content=deep)))
+
+
+async def test_credentials_and_the_api_key_are_never_shown() -> None:
+    key = "sk-SECRET-1234567890"
+
+    def quotes_the_key(request: httpx.Request) -> httpx.Response:
+        assert "authorization" in request.headers  # the credentials are still sent
+        return httpx.Response(401, json={"error": {"message": f"Invalid API key: {key}"}})
+
+    settings = OpenAISettings(
+        base_url="https://user:hunter2@cloud.test/v1?token=abc", model="m", api_key_env="KEY"
+    )
+    model = OpenAIBackend(
+        settings, environ={"KEY": key}, transport=httpx.MockTransport(quotes_the_key)
+    )
+    assert model.info.model == "openai:m@https://cloud.test/v1"
+    with pytest.raises(Unavailable) as info:
+        await model.generate(REQUEST)
+    assert key not in str(info.value) and "hunter2" not in str(info.value)
+    assert "Invalid API key: ***" in str(info.value)
+
+
+async def test_a_stream_of_keep_alives_alone_ends_at_the_timeout() -> None:
+    import asyncio
+
+    async def pings() -> Any:
+        for _ in range(200):  # 10 s of keep-alives, and never an answer
+            yield b": ping\n\n"
+            await asyncio.sleep(0.05)
+
+    model = OpenAIBackend(
+        OpenAISettings(base_url=URL, model="m", timeout_s=0.3),
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=pings())),
+    )
+    with pytest.raises(DeadlineExceeded, match="nothing but keep-alives for 0.3s"):
+        await collect(model)
