@@ -182,22 +182,24 @@ class StreamRoute:
             result = self.p._degraded_or_raise(self.plan, edge, self.watch, exc)
             yield provenance.restarted(result) if self.restarted else result
             return
-        spent: int | None = None  # the node's own count, sent with its final message
+        # the node's own counts (prompt, completion), sent with its final message
+        spent: tuple[int, int] | None = None
         delivered: list[str] = []  # cloud text the client already holds
         try:
             async for event in self._cloud_streams(edge):
                 if isinstance(event, str):
                     delivered.append(event)
                 elif isinstance(event, RouteResult) and event.tier is Tier.CLOUD:
-                    spent = event.prompt_tokens + event.completion_tokens
+                    spent = (event.prompt_tokens, event.completion_tokens)
                 yield event
         finally:
             # The node counts tokens only in its final message, which a cut stream never
             # brings (spent None): refunding would make the text the client already holds
             # free, and a sampled stream, never coalesced, can be cut again and again. A
             # node sends a delta once at least one more token is decoded: a token each.
+            prompt, completion = spent or (None, None)
             text = "".join(delivered)
-            charge = tiers.cloud_charge(self.p, self.plan, spent, text, len(delivered))
+            charge = tiers.cloud_charge(self.p, self.plan, prompt, completion, text, len(delivered))
             await self.p.budgets.settle(reservation, charge)
 
     async def _cloud_streams(self, edge: EdgeOutcome) -> AsyncIterator[StreamEvent]:

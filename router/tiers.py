@@ -161,24 +161,36 @@ async def ask_cloud(
         watch.cloud_ms += Stopwatch.since(started)
         spent = 0
         if answer is not None:
-            reported = answer.prompt_tokens + answer.completion_tokens
-            spent = cloud_charge(p, plan, reported, answer.text)
+            spent = cloud_charge(
+                p, plan, answer.prompt_tokens, answer.completion_tokens, answer.text
+            )
         await p.budgets.settle(reservation, spent)
     return answer
 
 
-def cloud_charge(p: Pipeline, plan: Plan, reported: int | None, text: str, pieces: int = 0) -> int:
-    """What a cloud answer is charged: the tokens the node reports. A node that
-    reports none for text it sent (an upstream without usage, or a stream cut before
-    its final message, ``reported`` None) is charged the router's estimate, made the
-    way the reservation was: the prompt as reserved plus the text's tokens (at least
-    one per streamed piece), never past max_new_tokens. Never nothing for text the
-    client holds: that would make such a node's answers free against any budget."""
-    if reported or not text:
-        return reported or 0
+def cloud_charge(
+    p: Pipeline,
+    plan: Plan,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+    text: str,
+    pieces: int = 0,
+) -> int:
+    """What a cloud answer is charged: the tokens the node reports. What it does not
+    report (0 from an upstream without usage; None for a stream cut before its final
+    message) is estimated the way the reservation was: the prompt as reserved, the
+    text's tokens (at least one per streamed piece, never past max_new_tokens). Never
+    nothing for a prompt read or text sent: such a node's answers would be free
+    against any budget. Nothing at all for a call that sent no text and counted none."""
     facts = plan.facts
-    tokens = max(pieces, estimate_text_tokens(text))
-    return p.budgets.estimate(facts.prompt_tokens, min(tokens, facts.max_new_tokens))
+    if not text and not prompt_tokens and not completion_tokens:
+        return 0
+    if not completion_tokens and text:
+        tokens = max(pieces, estimate_text_tokens(text))
+        completion_tokens = min(tokens, facts.max_new_tokens)
+    if not prompt_tokens:
+        prompt_tokens = p.budgets.estimate(facts.prompt_tokens, 0)
+    return prompt_tokens + (completion_tokens or 0)
 
 
 def over_budget_or_raise(

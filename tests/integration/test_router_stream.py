@@ -315,23 +315,37 @@ async def test_a_cloud_stream_cut_after_deltas_is_charged_for_the_text_it_sent(s
 
 class NoUsageBackend(CountingBackend):
     """A cloud whose upstream reports no usage (an OpenAI-compatible server that
-    sends neither ``usage`` nor log-probs): its answers say 0 tokens."""
+    sends no ``usage``): its answers say 0 prompt tokens, and 0 completion tokens
+    too unless ``counts_completion`` (it sent log-probs, one per token)."""
+
+    def __init__(self, inner: Any, counts_completion: bool) -> None:
+        super().__init__(inner)
+        self.counts_completion = counts_completion
+
+    def _strip(self, answer: Any) -> None:
+        answer.prompt_tokens = 0
+        if not self.counts_completion:
+            answer.reported_completion_tokens = 0
 
     async def generate(self, request: Any) -> Any:
         answer = await super().generate(request)
-        answer.prompt_tokens, answer.reported_completion_tokens = 0, 0
+        self._strip(answer)
         return answer
 
     async def stream(self, request: Any) -> Any:
         async for item in super().stream(request):
             if not isinstance(item, str):
-                item.prompt_tokens, item.reported_completion_tokens = 0, 0
+                self._strip(item)
             yield item
 
 
+@pytest.mark.parametrize("counts_completion", [False, True])
 @pytest.mark.parametrize("streamed", [False, True])
-async def test_a_cloud_that_reports_no_usage_is_charged_its_text(stack, streamed):
-    cloud_server = await stack.node("cloud", NoUsageBackend(cloud_backend()), estimator=None)
+async def test_a_cloud_that_reports_no_usage_is_charged_its_text(
+    stack, streamed, counts_completion
+):
+    cloud = NoUsageBackend(cloud_backend(), counts_completion)
+    cloud_server = await stack.node("cloud", cloud, estimator=None)
     limit = 100_000
     await stack.router(
         [],
@@ -347,7 +361,7 @@ async def test_a_cloud_that_reports_no_usage_is_charged_its_text(stack, streamed
         text = (await stack.stub.Generate(request, timeout=30)).text
     assert text
     used = await settled_usage(stack, "acme", limit, reservation(request))
-    # Not free: the prompt as reserved and the text's tokens; not the whole reservation.
+    # Not free, nor the prompt left out: the prompt as reserved and the text's tokens.
     assert reservation(request, 1) <= used <= reservation(request)
 
 
