@@ -116,6 +116,16 @@ async def test_tiny_top_p_is_greedy(backend):
     assert nucleus.logprobs == pytest.approx(greedy.logprobs, abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("temperature", "top_p"), [(1e-40, 1.0), (1e-45, 0.5), (1.0, 1e-46), (1.0, 1e-300)]
+)
+async def test_an_allowed_but_vanishing_temperature_or_top_p_is_greedy(backend, temperature, top_p):
+    # float32 turns these into inf or 0: sampling must still pick the top token
+    greedy = await backend.generate(ask())
+    sampled = await backend.generate(ask(temperature=temperature, top_p=top_p, seed=1))
+    assert sampled.token_ids == greedy.token_ids
+
+
 async def test_context_overflow_is_invalid_argument(backend):
     with pytest.raises(InvalidArgument, match=r"context of 512 tokens.*at most \d+ new tokens"):
         await backend.generate(ask(max_new_tokens=500))

@@ -75,11 +75,15 @@ def sample_token(
     """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling."""
     if temperature <= 0.0:
         return int(torch.argmax(logprobs))
-    probs = torch.softmax(logprobs / temperature, dim=-1)  # [vocab]
+    # Shifted so the best token's logit is 0: a tiny temperature (1e-40, which the API
+    # allows) then divides into -inf for the rest, not inf - inf = nan for all.
+    probs = torch.softmax((logprobs - logprobs.max()) / temperature, dim=-1)  # [vocab]
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)  # [vocab]
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # [vocab]
-        sorted_probs[mass_before >= top_p] = 0.0  # always keeps the top token
+        drop = mass_before >= top_p  # [vocab]
+        drop[0] = False  # the top token always stays (a top_p that rounds to 0 in fp32)
+        sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
 
