@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -329,18 +330,44 @@ def _hash_key(key: str | None, new: bool) -> int:
     return 0
 
 
-async def _status(address: str, as_json: bool, args: argparse.Namespace | None = None) -> int:
+def _as_json(message: Any) -> dict[str, Any]:
+    """Every field of ``message`` (false, zero and empty ones too: a missing ``healthy``
+    must not read as unknown), with 64-bit integers as JSON numbers, not strings."""
     from google.protobuf.json_format import MessageToDict
 
+    data = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _unquote_int64(message.DESCRIPTOR, data)
+
+
+def _unquote_int64(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    from google.protobuf.descriptor import FieldDescriptor
+
+    wide = (FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64)
+    for field in descriptor.fields:
+        value = data.get(field.name)
+        if value is None:
+            continue
+        many = isinstance(value, list)
+        if field.message_type is not None:
+            if not field.message_type.GetOptions().map_entry:
+                for entry in value if many else [value]:
+                    _unquote_int64(field.message_type, entry)
+        elif field.cpp_type in wide:
+            data[field.name] = [int(v) for v in value] if many else int(value)
+    return data
+
+
+async def _status(address: str, as_json: bool, args: argparse.Namespace | None = None) -> int:
     from tidegate.client import RouterClient
 
     api_key = args.api_key if args is not None else None
     tls = _client_tls(args) if args is not None else None
     async with RouterClient(address, timeout_s=10, api_key=api_key, tls=tls) as client:
         status = await client.status()
-    data = MessageToDict(status, preserving_proto_field_name=True)
     if as_json:
-        print(json.dumps(data))
+        print(json.dumps(_as_json(status)))
         return 0
     print(f"policy {status.policy_version}")
     for node in status.nodes:

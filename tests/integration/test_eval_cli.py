@@ -207,3 +207,69 @@ def test_calibrate_on_a_data_file_scores_with_the_weights_it_just_fitted(
         assert r["confidence"]["combiner"] == pytest.approx(head.probability(r["features"], r))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["estimators"]["combiner"]["ece"] is not None
+
+
+# ---- errors that come before any model loads ------------------------------------------------
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Loading a model fails the test: these errors must come before any model loads."""
+    from tidegate.evaluation import runner
+
+    def refuse(*_args):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(runner, "_load_edge", refuse)
+    monkeypatch.setattr(runner, "_load_cloud", refuse)
+
+
+ONE_ITEM = b'{"id": "a", "question": "q", "answers": ["x"], "split": "calib"}\n'
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "data file {path} is a folder, not a file"),
+        (ONE_ITEM + b'{"id": "b", "question": "\xff"}\n', "{path}:2: not UTF-8 text (byte 0xff)"),
+        (b"\n  \n\n", "data file {path} has no items (it is empty or only blank lines)"),
+        (b"", "data file {path} has no items"),
+    ],
+)
+def test_unusable_data_files_are_errors_naming_them(tmp_path, capsys, no_models, content, says):
+    data = tmp_path / "data.jsonl"
+    if content is None:
+        data.mkdir()
+    else:
+        data.write_bytes(content)
+    code = run(["eval", "--data", str(data), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {says.format(path=data)}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--out", "{tmp}/afile"], "--out {tmp}/afile is a file, not a folder"),
+        (["--out", "{tmp}/afile/sub"], "--out {tmp}/afile/sub: cannot create the folder"),
+        (["--estimators", "seq_prob,bogus"], "unknown confidence estimator 'bogus'; choose from"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, not 0"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 1, not -1"),
+        (["--limit", "0"], "--limit must be at least 1, not 0"),
+        (["--sample", "0"], "--sample must be at least 1, not 0"),
+    ],
+)
+def test_bad_options_are_usage_errors_before_anything_runs(
+    tmp_path, capsys, no_models, options, says
+):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(ONE_ITEM)
+    (tmp_path / "afile").write_text("keep me")
+    options = [o.format(tmp=tmp_path) for o in options]
+    if "--out" not in options:
+        options += ["--out", str(tmp_path / "out")]
+    code = run(["eval", "--data", str(data), "--no-progress", *options])
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {says.format(tmp=tmp_path)}" in err, err
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -60,7 +60,48 @@ async def test_status_reports_cooldowns_cache_and_budgets(stack):
     assert f"budget acme: {5000 - spent:g} of 5000 cloud_tokens left this day" in out
     code, out, _ = await tidegate("status", "--router", address, "--json")
     data = json.loads(out)
-    assert data["cache_hits"] == "1" and data["budgets"][0]["tenant"] == "acme"
+    assert data["cache_hits"] == 1 and data["budgets"][0]["tenant"] == "acme"
+    assert data["cache_shared"] is False and data["cache_semantic_hits"] == 0
+    by_name = {n["name"]: n for n in data["nodes"]}
+    assert by_name["cloud0"]["healthy"] is False and by_name["cloud1"]["healthy"] is True
+
+
+def test_status_json_has_every_field_with_integers_as_numbers(monkeypatch, capsys):
+    """False, zero and empty fields are there (an absent ``healthy`` would read as
+    unknown), and uint64 counters are JSON numbers, not strings."""
+    import tidegate.client
+    from tidegate.cli import run
+
+    reply = router_pb2.StatusResponse(
+        nodes=[router_pb2.NodeStatus(name="e", tier="edge", healthy=False)],
+        cache_hits=2**40,
+        budgets=[router_pb2.BudgetStatus(tenant="acme", limit=5, remaining=0)],
+    )
+
+    class FakeClient:
+        def __init__(self, *_args, **_kwargs):
+            pass
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *_exc):
+            return None
+
+        async def status(self):
+            return reply
+
+    monkeypatch.setattr(tidegate.client, "RouterClient", FakeClient)
+    assert run(["status", "--router", "127.0.0.1:1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["cache_hits"] == 2**40 and data["cache_misses"] == 0 and data["cache_entries"] == 0
+    assert data["cache_shared"] is False and data["last_reload_error"] == ""
+    node = data["nodes"][0]
+    assert node["healthy"] is False and node["consecutive_failures"] == 0
+    assert node["cooldown_remaining_s"] == 0 and node["registered"] is False
+    assert data["budgets"] == [
+        {"tenant": "acme", "window": "", "unit": "", "limit": 5, "remaining": 0}
+    ]
 
 
 async def test_json_logs_carry_the_request_id_of_the_response(tmp_path: Path):

@@ -392,3 +392,210 @@ def test_router_escalates_scores_from_another_estimator():
     keep_all = RequestFacts(prompt_tokens=5, max_new_tokens=16, threshold=0.0)
     assert judge_edge(other, keep_all, policy).tier is Tier.EDGE  # threshold 0 keeps anything
     assert judge_edge(other, facts, PolicySettings(min_confidence=0.3)).tier is Tier.EDGE
+
+
+# ---- files the YAML edit used to mangle or crash on -----------------------------------------
+
+
+def _set(text: str, value: str = "0.25", path: tuple[str | int, ...] = ("policy",)) -> str:
+    return apply_updates(text, [ValueUpdate(path, "min_confidence", value, ["why"])])
+
+
+def test_a_tag_or_unused_anchor_on_the_value_is_kept_and_only_the_number_changes():
+    tagged = _set("policy:\n  min_confidence: !!float 0.5 # c\n")
+    assert tagged == f"policy:\n  {MARKER} why\n  min_confidence: !!float 0.25 # c\n"
+    anchored = _set("policy:\n  min_confidence: &t 0.5\n")
+    assert anchored == f"policy:\n  {MARKER} why\n  min_confidence: &t 0.25\n"
+    both = _set("policy:\n  min_confidence: &t !!float 0.5\n")
+    assert both.endswith("  min_confidence: &t !!float 0.25\n")
+
+
+def test_an_anchor_other_values_refer_to_is_refused():
+    text = (
+        "policy:\n  min_confidence: &t 0.5\n"
+        "rules:\n  - name: r\n    tags: [x]\n    min_confidence: *t\n"
+    )
+    with pytest.raises(ValueError, match=r"anchor &t, and \*t refers to it elsewhere"):
+        _set(text)
+    # The alias itself is just a value: the rule gets a number of its own.
+    assert "    min_confidence: 0.25\n" in _set(text, path=("rules", 0))
+
+
+def test_a_rule_with_min_confidence_from_a_merge_key_gets_its_own():
+    text = (
+        "rules:\n  - &base\n    name: a\n    tags: [x]\n    min_confidence: 0.6\n"
+        "  - <<: *base\n    name: b\n    tags: [y]\n"
+    )
+    new = _set(text, path=("rules", 1))
+    assert new == text.replace(
+        "  - <<: *base\n", f"  - <<: *base\n    {MARKER} why\n    min_confidence: 0.25\n"
+    )
+    assert _set(text, path=("rules", 0)).count("min_confidence: 0.25") == 1  # the anchored one
+    with pytest.raises(ValueError, match="add `min_confidence:` to it yourself"):
+        _set("rules:\n  - name: b\n    <<: {tags: [y], min_confidence: 0.4}\n", path=("rules", 0))
+
+
+def test_a_key_is_added_to_the_right_rule_when_its_first_key_follows_the_dash():
+    text = "rules:\n  - name: a\n    tags: [x]\n  - name: b\n    tags: [y]\n"
+    new = _set(text, path=("rules", 1))
+    assert new == (
+        f"rules:\n  - name: a\n    tags: [x]\n  - name: b\n    {MARKER} why\n"
+        "    min_confidence: 0.25\n    tags: [y]\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{listen: "127.0.0.1:1"}\n', "flow mapping"),
+        ("policy: [\n", "not YAML this tool can edit"),
+    ],
+)
+def test_yaml_the_edit_cannot_handle_is_a_value_error(text, says):
+    with pytest.raises(ValueError, match=says):
+        _set(text)
+
+
+def test_a_policy_section_goes_before_the_document_end_marker():
+    new = _set("---\nlisten: 127.0.0.1:1\n...\n# end\n")
+    policy = f"policy:\n  {MARKER} why\n  min_confidence: 0.25\n"
+    assert new == f"---\nlisten: 127.0.0.1:1\n{policy}...\n# end\n"
+    assert _set("policy:\n  min_confidence: 0.5\n...\n").endswith("  min_confidence: 0.25\n...\n")
+
+
+def test_crlf_line_endings_are_kept():
+    text = "# r\r\npolicy:\r\n  version: v1  # x\r\n  min_confidence: 0.5\r\n"
+    new = apply_updates(
+        text,
+        [
+            ValueUpdate(("policy",), "min_confidence", "0.25", ["why"]),
+            ValueUpdate(("policy",), "estimator", "gain"),
+        ],
+    )
+    assert new == (
+        f"# r\r\npolicy:\r\n  estimator: gain\r\n  version: v1  # x\r\n  {MARKER} why\r\n"
+        "  min_confidence: 0.25\r\n"
+    )
+    added = _set("listen: 127.0.0.1:1\r\n")
+    assert (
+        added == f"listen: 127.0.0.1:1\r\npolicy:\r\n  {MARKER} why\r\n  min_confidence: 0.25\r\n"
+    )
+
+
+def _calibrate(tmp_path: Path, policy_text: str | bytes, *extra: str) -> tuple[int, Path]:
+    policy = tmp_path / "router.yaml"
+    if isinstance(policy_text, str):
+        policy_text = policy_text.encode()
+    policy.write_bytes(policy_text)
+    items = _items(tmp_path)
+    code = run(["calibrate", "--data", str(items), "--policy", str(policy),
+                "--target-escalation", "0.34", *extra])  # fmt: skip
+    return code, policy
+
+
+def test_calibrate_keeps_a_crlf_policy_crlf(tmp_path, capsys):
+    code, policy = _calibrate(tmp_path, b"policy:\r\n  version: v1\r\n  min_confidence: 0.5\r\n")
+    assert code == 0, capsys.readouterr().err
+    raw = policy.read_bytes()
+    assert raw.count(b"\n") == raw.count(b"\r\n") > 3
+    assert b"  min_confidence: 0.25\r\n" in raw and b"  estimator: gain\r\n" in raw
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{listen: "127.0.0.1:1"}\n', "flow mapping"),
+        (
+            "policy:\n  min_confidence: &t 0.5\n"
+            "rules:\n  - name: r\n    tags: [zzz]\n    min_confidence: *t\n",
+            "anchor &t",
+        ),
+    ],
+)
+def test_calibrate_refuses_a_policy_it_cannot_edit_leaving_it_unchanged(
+    tmp_path, capsys, text, says
+):
+    code, policy = _calibrate(tmp_path, text)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {policy}: ") and says in err
+    assert "Traceback" not in err and policy.read_text() == text
+
+
+def test_calibrate_writes_a_policy_section_before_a_document_end(tmp_path, capsys):
+    code, policy = _calibrate(tmp_path, "listen: 127.0.0.1:1\n...\n")
+    assert code == 0, capsys.readouterr().err
+    assert policy.read_text().endswith("  min_confidence: 0.25\n  estimator: gain\n...\n")
+    assert load_router_settings(policy).policy.min_confidence == 0.25
+
+
+# ---- --data / --items that are not what they should be -------------------------------------
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Loading a model fails the test: errors must come before any model loads."""
+    from tidegate.evaluation import runner
+
+    def refuse(*_args):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(runner, "_load_edge", refuse)
+    monkeypatch.setattr(runner, "_load_cloud", refuse)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "--data {path} is a folder, not a file"),
+        (b"\n\nnot json\n", "{path}:3: not valid JSON"),
+        (b"5\n", "{path}:1: expected a JSON object"),
+        (b'{"id": "a"}\n\xff\xfe\n', "{path}:2: not UTF-8 text (byte 0xff)"),
+        (b"\xff{}\n", "{path}:1: not UTF-8 text (byte 0xff)"),
+    ],
+)
+def test_calibrate_data_that_is_neither_items_nor_a_data_file(
+    tmp_path, capsys, no_models, content, says
+):
+    data = tmp_path / "data.jsonl"
+    if content is None:
+        data.mkdir()
+    else:
+        data.write_bytes(content)
+    policy = tmp_path / "router.yaml"
+    policy.write_text("policy:\n  min_confidence: 0.5\n")
+    code = run(["calibrate", "--data", str(data), "--policy", str(policy),
+                "--target-escalation", "0.3"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: {says.format(path=data)}" in err, err
+    assert policy.read_text() == "policy:\n  min_confidence: 0.5\n"
+
+
+@pytest.mark.parametrize(
+    ("metrics", "says"),
+    [
+        ('{"run": {"edge_model": "m"', "metrics.json:1: not valid JSON"),
+        ('{"run": ["m"]}', "metrics.json: expected a JSON object with a 'run' object"),
+        ("[1]", "metrics.json: expected a JSON object with a 'run' object"),
+    ],
+)
+def test_fit_combiner_and_calibrate_say_what_is_wrong_with_metrics_json(
+    tmp_path, capsys, metrics, says
+):
+    items = _items(tmp_path)
+    (items.parent / "metrics.json").write_text(metrics)
+    assert run(["fit-combiner", "--items", str(items), "--out", str(tmp_path / "w.json")]) == 2
+    assert f"error: {items.parent / 'metrics.json'}" in capsys.readouterr().err
+    policy = tmp_path / "router.yaml"
+    policy.write_text("policy:\n  min_confidence: 0.5\n")
+    code = run(["calibrate", "--data", str(items), "--policy", str(policy),
+                "--target-escalation", "0.3"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err
+
+
+def test_fit_combiner_says_the_items_file_is_missing(tmp_path, capsys):
+    missing = tmp_path / "nothere" / "items.jsonl"
+    assert run(["fit-combiner", "--items", str(missing)]) == 2
+    assert f"error: items file {missing} does not exist" in capsys.readouterr().err
+    assert run(["fit-combiner", "--items", str(tmp_path)]) == 2
+    assert f"error: items file {tmp_path} is a folder, not a file" in capsys.readouterr().err

@@ -218,3 +218,12 @@ def test_full_rebuild_is_byte_identical(build) -> None:
         )
     assert build.render(devset) == (DEVSET / "devset.jsonl").read_text(encoding="utf-8")
     assert build.render(fitset) == (DEVSET / "fitset.jsonl").read_text(encoding="utf-8")
+
+
+def test_a_corrupt_wheel_is_an_error_naming_it(build, tmp_path, capsys) -> None:
+    for dist, version in build.PINS.items():
+        stem = re.sub(r"[-_.]+", "_", dist).lower()
+        (tmp_path / f"{stem}-{version}-py3-none-any.whl").write_bytes(b"not a zip")
+    assert build.main(["--wheels", str(tmp_path), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"build.py: {tmp_path}/" in err and "is not a readable wheel (File is not a zip" in err

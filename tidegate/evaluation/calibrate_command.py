@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import json
 import os
 import sys
@@ -31,10 +32,29 @@ if TYPE_CHECKING:
 
 
 def _is_items_file(path: Path) -> bool:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                return "edge_correct" in json.loads(line)
+    """Whether ``path`` is an items.jsonl of ``tidegate eval`` (its first record has
+    ``edge_correct``) rather than a data file; ConfigError when it is neither: not
+    readable, not UTF-8, or its first line not a JSON object."""
+    from tidegate.evaluation.dataset import not_utf8, unreadable
+
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise not_utf8(path, raw, exc, number) from exc
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict):
+                    raise ConfigError(f"{path}:{number}: expected a JSON object")
+                return "edge_correct" in record
+    except OSError as exc:
+        raise unreadable(path, exc, "--data") from exc
     return False
 
 
@@ -48,8 +68,6 @@ def _evaluation(args: argparse.Namespace, estimator: str) -> tuple[list[dict[str
     from tidegate.evaluation.fitting import EvaluatedRun, fit_from_items
     from tidegate.evaluation.runner import read_items, write_outputs
 
-    if not args.data.is_file():
-        raise ConfigError(f"--data {args.data} does not exist")
     evaluated: _Evaluated | None = None
     if _is_items_file(args.data):
         records, run = read_items(args.data), EvaluatedRun.of(args.data)
@@ -154,9 +172,11 @@ def _validate(text: str, policy: Path) -> None:
 
     fd, tmp = tempfile.mkstemp(suffix=".yaml", dir=policy.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         load_router_settings(tmp)
+    except ConfigError as exc:  # named as the file it would become, not the temporary one
+        raise ConfigError(str(exc).replace(tmp, f"{policy} (as edited)")) from exc
     finally:
         os.unlink(tmp)
 
@@ -230,16 +250,21 @@ def run_calibrate(args: argparse.Namespace) -> int:
         updates.append(ValueUpdate(path, "min_confidence", repr(result.threshold), comment))
     if args.pin_estimator:
         updates.append(ValueUpdate(("policy",), "estimator", estimator))
-    text = args.policy.read_text(encoding="utf-8")
     try:
+        # Bytes, not text mode: the file's line endings (CRLF too) are kept as they are.
+        text = args.policy.read_bytes().decode("utf-8")
         new = apply_updates(text, updates)
         _validate(new, args.policy)
-    except (ValueError, ConfigError) as exc:
-        print(f"error: {args.policy}: {exc}", file=sys.stderr)
+    except (OSError, UnicodeDecodeError, ValueError, ConfigError) as exc:
+        print(f"error: {args.policy}: {exc}; the file is not changed", file=sys.stderr)
         return 2
     if args.dry_run:
         print(f"(dry run: {args.policy} not changed)")
         return 0
-    args.policy.write_text(new, encoding="utf-8")
+    try:
+        args.policy.write_bytes(new.encode("utf-8"))
+    except OSError as exc:
+        print(f"error: cannot write {args.policy}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"wrote {args.policy}")
     return 0

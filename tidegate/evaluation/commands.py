@@ -77,12 +77,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add_calibrate_parser(sub)
 
 
-def _limit(value: int | None) -> int | None:
-    if value is not None and value < 1:
-        raise SystemExit("error: --limit and --sample must be at least 1")
-    return value
-
-
 async def _eval(args: argparse.Namespace) -> int:
     from cloud_node.settings import CloudSettings
     from edge_node.settings import EdgeSettings
@@ -90,12 +84,14 @@ async def _eval(args: argparse.Namespace) -> int:
     from tidegate.evaluation.report import summary_table
     from tidegate.evaluation.runner import EvalOptions, evaluate
 
+    # Out-of-range options, unknown estimators, bad items and an --out that cannot be a
+    # folder are ConfigErrors (exit 2) raised by evaluate before any model loads.
     options = EvalOptions(
         data=args.data,
         out=args.out,
         split=args.split,
-        limit=_limit(args.limit),
-        sample=_limit(args.sample),
+        limit=args.limit,
+        sample=args.sample,
         edge_only=args.edge_only,
         cloud_only=args.cloud_only,
         estimators=tuple(n.strip() for n in args.estimators.split(",") if n.strip())
@@ -120,9 +116,10 @@ def _fit(args: argparse.Namespace) -> int:
     from tidegate.evaluation.fitting import EvaluatedRun, fit_from_items
     from tidegate.evaluation.runner import read_items
 
+    records = read_items(args.items)  # first: a missing items file is said as such
     run = EvaluatedRun.of(args.items)
     fitted = fit_from_items(
-        read_items(args.items), run.edge_model, args.split, run.data, args.l2, args.out,
+        records, run.edge_model, args.split, run.data, args.l2, args.out,
         run.cloud_model, args.heads,
     )  # fmt: skip
     print(fitted.summary)

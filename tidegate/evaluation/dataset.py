@@ -9,6 +9,7 @@ A bad line fails loading with its line number and what is wrong.
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,43 @@ class EvalItem:
         if self.category and self.category not in self.tags:
             return (*self.tags, self.category)
         return self.tags
+
+
+def unreadable(path: Path, exc: OSError, what: str) -> ConfigError:
+    """The error for a ``what`` ("data file", "items file") that cannot be opened."""
+    if isinstance(exc, FileNotFoundError):
+        return ConfigError(f"{what} {path} does not exist")
+    if isinstance(exc, IsADirectoryError):
+        return ConfigError(f"{what} {path} is a folder, not a file")
+    return ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}")
+
+
+def not_utf8(path: Path, data: bytes, exc: UnicodeDecodeError, first_line: int = 1) -> ConfigError:
+    """The error for bytes of ``path`` (from line ``first_line`` on) that are not UTF-8,
+    naming the line."""
+    line = first_line + data.count(b"\n", 0, exc.start)
+    return ConfigError(
+        f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8"
+    )
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """The lines of a JSON-lines file (split at newlines only: a JSON string may hold
+    U+2028 and the like, which ``str.splitlines`` would split at); ConfigError saying
+    what is wrong when it is missing, a folder, unreadable or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise unreadable(path, exc, what) from exc
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, data, exc) from exc
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _parse(raw: object, where: str) -> EvalItem:
@@ -79,10 +117,7 @@ def load_items(
     items spread evenly over them (every n/sample-th: each category keeps its share
     when the file is grouped by category), then the first ``limit``."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"data file {path} does not exist") from exc
+    lines = read_lines(path, "data file")
     items: list[EvalItem] = []
     seen: set[str] = set()
     for number, line in enumerate(lines, start=1):
@@ -98,6 +133,8 @@ def load_items(
             raise ConfigError(f"{where}: id {item.id!r} appears twice")
         seen.add(item.id)
         items.append(item)
+    if not items:
+        raise ConfigError(f"data file {path} has no items (it is empty or only blank lines)")
     if split is not None:
         items = [item for item in items if item.split == split]
         if not items:

@@ -25,8 +25,34 @@ class EvaluatedRun:
 
     @classmethod
     def of(cls, items_path: Path) -> EvaluatedRun:
+        """ConfigError when the items file is missing or metrics.json is unreadable,
+        not JSON or has no ``run`` object."""
+        from tidegate.evaluation.dataset import not_utf8, unreadable
+
+        if items_path.is_dir():
+            raise ConfigError(f"items file {items_path} is a folder, not a file")
+        if not items_path.exists():
+            raise ConfigError(f"items file {items_path} does not exist")
         metrics = items_path.parent / "metrics.json"
-        run = json.loads(metrics.read_text()).get("run", {}) if metrics.exists() else {}
+        if not metrics.exists():
+            return cls.from_run({}, items_path)
+        try:
+            data = metrics.read_bytes()
+        except OSError as exc:
+            raise unreadable(metrics, exc, "file") from exc
+        try:
+            loaded = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise not_utf8(metrics, data, exc) from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{metrics}:{exc.lineno}: not valid JSON ({exc.msg}); run `tidegate eval` again"
+            ) from exc
+        run = loaded.get("run", {}) if isinstance(loaded, dict) else None
+        if not isinstance(run, dict):
+            raise ConfigError(
+                f"{metrics}: expected a JSON object with a 'run' object; run `tidegate eval` again"
+            )
         return cls.from_run(run, items_path)
 
     @classmethod

@@ -28,7 +28,7 @@ from cloud_node.settings import CloudSettings
 from edge_node.settings import EdgeSettings
 from tidegate.backend import ConfidenceEstimator, ModelBackend
 from tidegate.chat import ChatMessage, GenerationRequest, SamplingParams
-from tidegate.evaluation.dataset import EvalItem, load_items
+from tidegate.evaluation.dataset import EvalItem, load_items, read_lines
 from tidegate.evaluation.gencache import CachedBackend
 from tidegate.evaluation.scoring import is_correct
 
@@ -250,10 +250,7 @@ def read_items(path: str | Path) -> list[dict[str, Any]]:
     or edited file: a NaN would silently skew AUROC and thresholds)."""
     from tidegate.errors import ConfigError
 
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it: {exc}") from exc
+    lines = read_lines(Path(path), "items file")
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -273,13 +270,50 @@ def read_items(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def check_options(options: EvalOptions) -> None:
+    """ConfigError naming the option that is out of range or unknown."""
+    from edge_node.estimators_registry import ESTIMATOR_NAMES
+    from tidegate.errors import ConfigError
+
+    for flag, value in (
+        ("--limit", options.limit),
+        ("--sample", options.sample),
+        ("--max-new-tokens", options.max_new_tokens),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, not {value}")
+    unknown = [name for name in options.estimators or () if name not in ESTIMATOR_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"unknown confidence estimator {', '.join(map(repr, unknown))}; choose from "
+            f"{', '.join(ESTIMATOR_NAMES)}"
+        )
+
+
+def _make_out(out: Path) -> None:
+    """Create the output folder now, not after every item ran: ConfigError if it cannot be."""
+    from tidegate.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the folder: {exc.strerror or exc}") from exc
+
+
 async def evaluate(
     options: EvalOptions,
     edge_backend: ModelBackend | None = None,
     cloud_backend: ModelBackend | None = None,
 ) -> dict[str, Any]:
-    """The whole ``tidegate eval``: run, then write items.jsonl, metrics.json, curve.png."""
+    """The whole ``tidegate eval``: run, then write items.jsonl, metrics.json, curve.png.
+
+    Everything that can be checked before the models load is checked first (ConfigError):
+    the options, the items, and that ``out`` can be the output folder."""
+    check_options(options)
     items = load_items(options.data, options.split, options.limit, options.sample)
+    _make_out(options.out)
     records, identity = await run_items(options, items, edge_backend, cloud_backend)
     return write_outputs(options.out, records, identity)
 
