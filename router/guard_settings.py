@@ -131,7 +131,7 @@ class RuleSettings(StrictModel):
 
     A rule matches when every condition it sets holds: the tenant is one of
     ``tenants``, the request carries one of ``tags``, and (with ``pii``) the
-    built-in detector finds an e-mail address, phone number or card number.
+    built-in detector finds an e-mail address, phone number, card number or IBAN.
     """
 
     name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
@@ -145,7 +145,7 @@ class RuleSettings(StrictModel):
 
     pii: bool = False
     """Match only requests whose conversation holds an e-mail address, phone
-    number or card number (``router.pii``)."""
+    number, card number or IBAN (``router.pii``)."""
 
     route: Literal["auto", "edge_only", "edge", "cloud"] = "auto"
     """``auto``: the policy decides. ``edge_only``: privacy pin — only the edge

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.pii import CARD, EMAIL, PHONE, describe, find_pii, luhn_valid
+from router.pii import CARD, EMAIL, IBAN, PHONE, describe, find_pii, iban_valid, luhn_valid
 from tidegate.chat import ChatMessage
 
 
@@ -28,6 +28,23 @@ FOUND = [
     ("pay with 5500005555555559", [CARD]),
     ("amex 378282246310005", [CARD]),
     ("a@example.org and +33 6 12 34 56 78", [EMAIL, PHONE]),
+    # long subscriber groups (UK, German numbers)
+    ("UK mobile: 07700 900123", [PHONE]),
+    ("call +44 7700 900123", [PHONE]),
+    ("Berlin office +49 30 12345678", [PHONE]),
+    ("Festnetz 030 12345678", [PHONE]),
+    # a card followed by its CVV or expiry, or split by pasted separators
+    ("card 4111 1111 1111 1111 123 please", [CARD]),
+    ("card 4111111111111111 12/26 thanks", [CARD]),
+    ("card 4111\u00a01111\u00a01111\u00a01111", [CARD]),
+    ("card 4111\u20131111\u20131111\u20131111", [CARD]),
+    ("card 4111.1111.1111.1111", [CARD]),
+    ("No.4111111111111111", [CARD]),
+    ("call +1\u00a0415\u00a0555\u00a02671", [PHONE]),
+    # bank accounts, and addresses in any script
+    ("IBAN DE89 3704 0044 0532 0130 00 please", [IBAN]),
+    ("to GB82WEST12345698765432", [IBAN]),
+    ("write to jörg.müller@example.de", [EMAIL]),
 ]
 
 # Near-misses: numbers and at-signs that are not personal data.
@@ -52,6 +69,8 @@ NOT_FOUND = [
     "Call me at noon",
     "room 12-34",
     "between 100 and 200",
+    "GB82WEST12345698765433 fails the IBAN check",
+    "pi is 3.4111111111111111",
 ]
 
 
@@ -88,3 +107,9 @@ def test_description_names_kinds_and_counts_never_the_text() -> None:
 def test_luhn() -> None:
     assert luhn_valid("4111111111111111") and luhn_valid("79927398713")
     assert not luhn_valid("4111111111111112") and not luhn_valid("79927398710")
+
+
+def test_iban_check() -> None:
+    assert iban_valid("DE89 3704 0044 0532 0130 00")
+    assert iban_valid("GB82WEST12345698765432")
+    assert not iban_valid("GB82WEST12345698765433")
