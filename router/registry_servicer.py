@@ -10,9 +10,11 @@ from __future__ import annotations
 import hmac
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import grpc
+from redis.exceptions import RedisError
 
 from router.directory import EdgeDirectory
 from router.nodes import NodeClient
@@ -23,6 +25,7 @@ from tidegate.errors import (
     InvalidArgument,
     NotFound,
     Unauthenticated,
+    Unavailable,
     unary_errors,
 )
 from tidegate.registration import EDGE_NAME_PATTERN, EDGE_NAME_RULE, TOKEN_METADATA, WILDCARD_HOSTS
@@ -51,6 +54,19 @@ def _check_address(address: str) -> None:
             "range); set register.advertise on the edge to the HOST:PORT the router "
             "should dial"
         )
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """The registry store (Redis) failing is an outage the edge waits out and retries,
+    UNAVAILABLE, not a bug (INTERNAL) nor a refusal."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise Unavailable(
+            f"the router's edge registry store is unreachable ({type(exc).__name__}: {exc}); "
+            "retry with backoff"
+        ) from exc
 
 
 class RegistryServicer(registry_pb2_grpc.EdgeRegistryServicer):
@@ -100,20 +116,21 @@ class RegistryServicer(registry_pb2_grpc.EdgeRegistryServicer):
                 f"edge name {request.name!r} is a node in the router's config file; "
                 "give the registering edge another register.name"
             )
-        await self.store.register(
-            EdgeRecord(
-                name=request.name,
-                address=request.address,
-                instance_id=request.instance_id,
-                model=request.model,
-                capacity=request.capacity,
-                estimator=request.estimator,
-                context_length=request.context_length,
-                in_flight=request.load.in_flight,
-                queued=request.load.queued,
+        with _store_errors():
+            await self.store.register(
+                EdgeRecord(
+                    name=request.name,
+                    address=request.address,
+                    instance_id=request.instance_id,
+                    model=request.model,
+                    capacity=request.capacity,
+                    estimator=request.estimator,
+                    context_length=request.context_length,
+                    in_flight=request.load.in_flight,
+                    queued=request.load.queued,
+                )
             )
-        )
-        await self.directory.refresh()  # this replica sends it work right away
+            await self.directory.refresh()  # this replica sends it work right away
         interval, ttl = self._timing()
         return registry_pb2.RegisterResponse(heartbeat_interval_s=interval, ttl_s=ttl)
 
@@ -123,9 +140,11 @@ class RegistryServicer(registry_pb2_grpc.EdgeRegistryServicer):
     ) -> registry_pb2.HeartbeatResponse:
         self._authenticate(context)
         load = request.load
-        if not await self.store.heartbeat(
-            request.name, request.instance_id, load.in_flight, load.queued
-        ):
+        with _store_errors():
+            leased = await self.store.heartbeat(
+                request.name, request.instance_id, load.in_flight, load.queued
+            )
+        if not leased:
             raise NotFound(
                 f"edge {request.name!r} holds no lease here (the router restarted, or "
                 "dropped it after a silence longer than its ttl): register again"
@@ -139,8 +158,9 @@ class RegistryServicer(registry_pb2_grpc.EdgeRegistryServicer):
         self, request: registry_pb2.DeregisterRequest, context: grpc.aio.ServicerContext
     ) -> registry_pb2.DeregisterResponse:
         self._authenticate(context)
-        removed = await self.store.deregister(request.name, request.instance_id)
-        await self.directory.refresh()
+        with _store_errors():
+            removed = await self.store.deregister(request.name, request.instance_id)
+            await self.directory.refresh()
         return registry_pb2.DeregisterResponse(removed=removed)
 
     async def ping(self) -> None:

@@ -327,3 +327,29 @@ async def test_a_registry_redis_that_does_not_answer_fails_the_startup(cloud):
     )
     with pytest.raises(ConfigError, match=f"registry.url {closed}: Redis did not answer"):
         await serve_router(settings)
+
+
+async def test_a_registry_redis_that_stops_answering_is_unavailable_not_internal(cluster, cloud):
+    from tests.support.redis_proxy import SlowReplies
+
+    prefix = f"tidegate-test:{uuid.uuid4().hex}:"
+    async with SlowReplies() as store:
+        registry = {**FAST_REGISTRY, "url": store.url, "key_prefix": prefix}
+        router = await cluster.router(cloud.address, registry=registry)
+        _, stub = await cluster.stubs(router)
+        store.delay_s = 3.0  # past the registry client's 2 s: Redis is out, for now
+        for call in (
+            stub.Register(register_request("late", "127.0.0.1:1"), timeout=10),
+            stub.Heartbeat(heartbeat("late", 1), timeout=10),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call
+            # an outage the edge agent waits out, not a bug nor a refusal
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            assert "registry store is unreachable" in info.value.details()
+        store.delay_s = 0.0
+    client = aioredis.from_url(REDIS_URL)
+    keys = [k async for k in client.scan_iter(match=prefix + "*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
