@@ -23,7 +23,9 @@ a model, what those changes alter; ``guard_refusal`` compares two questions:
 * content words — everything but function words, politeness fillers,
   possessives and plural endings — with the direction words, in order.
   Letters and digits written together are one content word ("CO2", "IPv4",
-  "log2", "python3.11"), not a word and a number.
+  "log2", "python3.11"), not a word and a number. Words in any script count
+  (the function-word lists are English: in other languages more words are
+  compared, which errs towards a miss).
 
 A comma (or other clause punctuation) ends a spoken number: "twenty, one and
 five" is three numbers, "twenty-one and five" two.
@@ -41,13 +43,15 @@ from dataclasses import dataclass
 from tidegate.spoken_numbers import NUMBER_WORDS, words_to_digits
 
 # A hyphen between letters joins a word ("well-known"); anywhere else it is minus.
-_OPERATOR = re.compile(r"!=|[+*/×÷=<>^%&|]|(?<![A-Za-z])-(?![A-Za-z])")
+_OPERATOR = re.compile(r"!=|[+*/×÷=<>^%&|]|(?<![^\W\d_])-(?![^\W\d_])")
 _TOKEN = re.compile(
     # a number: "3", "-5", "3.14", "1,000", "21st", ".5", "-.5"
     r"(?<![\w.])-?(?:\d+(?:[.,]\d+)*(?:st|nd|rd|th)?|\.\d+)"
-    # a word; digits after its first letter belong to it ("co2", "h2o", "ipv4",
-    # "log2", "python3.11"): reading them as a number would compare "CO2" as "CO"
-    r"|[A-Za-z]+(?:\d[A-Za-z\d]*(?:\.\d+)*)?(?:['’][A-Za-z]+)*"
+    # a word, in any script ([^\W\d_]: a letter; "Петрову" and "Иванову" are words,
+    # or every guard sees nothing in a Cyrillic or Chinese question); digits after its
+    # first letter belong to it ("co2", "h2o", "ipv4", "log2", "python3.11"): reading
+    # them as a number would compare "CO2" as "CO"
+    r"|[^\W\d_]+(?:\d[^\W_]*(?:\.\d+)*)?(?:['’][^\W\d_]+)*"
     # punctuation that ends a spoken number ("twenty, one" is 20 and 1)
     r"|[,;:.!?]"
 )

@@ -147,3 +147,24 @@ def test_question_words_are_a_multiset():
         "how": 1,
         "why": 1,
     }
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (
+            "Напиши письмо клиенту Иванову о задержке на три дня",
+            "Напиши письмо клиенту Петрову о задержке на пять дней",
+        ),
+        (
+            "Составь план урока для школьников пятого класса",
+            "Составь план урока для школьников седьмого класса",
+        ),
+        ("请为五年级学生写一个数学题", "请为七年级学生写一个数学题"),
+    ],
+)
+def test_questions_in_other_scripts_are_compared_too(a, b):
+    # Their words were invisible to the guards, so only the embedding decided
+    # (cosine 0.97-0.995 with all-MiniLM-L6-v2 for these pairs).
+    assert guard_refusal(features(a), features(b)) is not None
+    assert guard_refusal(features(a), features(a)) is None
