@@ -37,17 +37,28 @@ def build_edge_servicer(
 
 
 async def serve_edge(settings: EdgeSettings, backend: ModelBackend | None = None) -> RunningServer:
-    """Load the model (off the loop), start the edge node on ``settings.listen``."""
+    """Load the model (off the loop), start the edge node on ``settings.listen``.
+
+    A model loaded here is closed again when the node cannot start (an unusable
+    estimator, a port it cannot bind): its workers and any background compile of
+    its decode step would otherwise outlive the failure. A given ``backend`` stays
+    the caller's."""
+    loaded = backend is None
     if backend is None:
         from tidegate.inference import load_backend
 
         backend = await asyncio.to_thread(load_backend, settings.model)
-    if settings.registration is not None:  # the edge agent: register + Router API on device
-        from edge_node.agent import serve_edge_agent
+    try:
+        if settings.registration is not None:  # the edge agent: register + Router API on device
+            from edge_node.agent import serve_edge_agent
 
-        return await serve_edge_agent(settings, backend)
-    servicer = build_edge_servicer(settings, backend)
-    running = await start_server([servicer.service()], settings.listen, settings.tls)
+            return await serve_edge_agent(settings, backend)
+        servicer = build_edge_servicer(settings, backend)
+        running = await start_server([servicer.service()], settings.listen, settings.tls)
+    except BaseException:
+        if loaded:
+            await backend.close()
+        raise
     info = backend.info
     log.info(
         "edge node %s (%s, estimator %s) on %s",

@@ -70,3 +70,23 @@ async def test_serve_edge_binds_port_zero():
     finally:
         await server.stop(0)
         await backend.close()
+
+
+async def test_an_edge_that_cannot_start_closes_the_model_it_loaded(monkeypatch, tmp_path):
+    import tidegate.inference
+
+    loaded = []
+
+    def load(model_settings):
+        loaded.append(tiny_backend())
+        return loaded[-1]
+
+    monkeypatch.setattr(tidegate.inference, "load_backend", load)
+    settings = EdgeSettings(
+        listen="127.0.0.1:0",
+        estimator="combiner",
+        estimator_options={"combiner_file": str(tmp_path / "missing.json")},
+    )
+    with pytest.raises(ConfigError, match="estimator: no combiner weights"):
+        await serve_edge(settings)
+    assert len(loaded) == 1 and loaded[0]._executor._shutdown  # its workers are gone
