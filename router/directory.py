@@ -71,8 +71,11 @@ class EdgeDirectory:
         """Bring ``nodes`` in step with the registry's live leases."""
         if self.store is None:
             return
-        records = {r.name: r for r in await self.store.live()}
+        # Read and apply under one lock: two refreshes (the background loop's, a
+        # Register's) must not apply an older snapshot after a newer one, which would
+        # drop an edge that just registered until the next refresh.
         async with self._lock:
+            records = {r.name: r for r in await self.store.live()}
             for node in [n for n in self.nodes if n.registered]:
                 record = records.get(node.name)
                 if record is None or record.address != node.address:

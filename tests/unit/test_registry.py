@@ -199,3 +199,36 @@ def test_record_fields_roundtrip_and_ignore_unknown_ones():
     original = record(model="m", capacity=2, in_flight=3, queued=1, heartbeat_at=12.5)
     raw = original.to_fields() | {"added_by_a_newer_router": "x"}
     assert EdgeRecord.from_fields(raw) == original
+
+
+async def test_a_slow_snapshot_never_undoes_a_newer_one():
+    """Two refreshes at once (the background loop's, a Register's): the one that read the
+    registry before an edge registered must not apply its snapshot after the newer one."""
+    from router.directory import EdgeDirectory
+    from router.nodes import NodeClient
+
+    class SlowFirstRead(MemoryRegistry):
+        def __init__(self) -> None:
+            super().__init__(30.0, 8)
+            self.reads = 0
+
+        async def live(self) -> list[EdgeRecord]:
+            self.reads += 1
+            snapshot = await super().live()
+            if self.reads == 1:
+                await asyncio.sleep(0.2)  # a slow read of the registry as it was
+            return snapshot
+
+    def client(r: EdgeRecord) -> NodeClient:
+        return NodeClient(r.name, r.address, "edge", 5.0)  # registered once its record applies
+
+    store = SlowFirstRead()
+    nodes: list[NodeClient] = []
+    directory = EdgeDirectory(nodes, store, client)
+    background = asyncio.create_task(directory.refresh())  # reads the empty registry, slowly
+    await asyncio.sleep(0.05)
+    await store.register(record("e1"))
+    await directory.refresh()  # the registration's own refresh
+    await background
+    assert [n.name for n in nodes] == ["e1"]
+    await directory.close()
