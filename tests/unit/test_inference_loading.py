@@ -154,3 +154,51 @@ def test_a_cut_short_sha256_memo_is_not_trusted(tmp_path):
     memo.write_text("")  # a write cut short (a full disk, a crash)
     assert _memo_sha256(gguf, root) == digest
     assert memo.read_text() == digest and not list((root / ".sha256").glob(".*partial*"))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from tests.support.tiny_gguf import write_tiny_gguf
+
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", model, tokenizer)
+
+
+def test_a_conversion_cut_short_is_done_again(tiny_gguf, tmp_path):
+    settings = ModelSettings(source=str(tiny_gguf), quantization="none", cache_dir=str(tmp_path))
+    first = load_model(settings)
+    (converted,) = [p for p in tmp_path.iterdir() if p.name.startswith("tiny-")]
+    (converted / "config.json").unlink()  # a folder left half-written
+    again = load_model(settings)  # converted again, not stuck on the folder in the way
+    assert again.converted and again.model_id == first.model_id
+    assert not load_model(settings).converted
+
+
+def test_a_damaged_sha256_memo_is_hashed_again(tiny_gguf, tmp_path):
+    settings = ModelSettings(source=str(tiny_gguf), quantization="none", cache_dir=str(tmp_path))
+    first = load_model(settings)
+    for memo in (tmp_path / ".sha256").iterdir():
+        memo.write_bytes(b"\xff\xfe not text")
+    assert load_model(settings).model_id == first.model_id
+
+
+@pytest.mark.parametrize(
+    ("source", "cache", "says"),
+    [
+        ("garbage.gguf", "cache", "does not start with the GGUF magic bytes"),
+        ("tiny.gguf", "a-file/sub", "Not a directory"),
+        ("~nosuchuser_xyz/model", "cache", "Could not determine home directory"),
+    ],
+)
+def test_a_broken_source_or_cache_names_the_fields(tiny_gguf, tmp_path, source, cache, says):
+    (tmp_path / "garbage.gguf").write_bytes(b"not a gguf file at all" * 10)
+    (tmp_path / "a-file").write_text("x")
+    path = tiny_gguf if source == "tiny.gguf" else tmp_path / source
+    settings = ModelSettings(
+        source=source if source.startswith("~") else str(path),
+        quantization="none",
+        cache_dir=str(tmp_path / cache),
+    )
+    with pytest.raises(ConfigError, match=says) as info:
+        load_model(settings)
+    assert "model.source" in str(info.value) and "model.cache_dir" in str(info.value)

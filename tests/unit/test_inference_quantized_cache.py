@@ -177,3 +177,14 @@ def test_an_entry_with_another_layout_is_made_again(tmp_path, caplog):
     assert not again.from_quantized_cache
     assert "in the cache but" in caplog.text
     torch.testing.assert_close(_logits(again.model), _logits(first.model), atol=0, rtol=0)
+
+
+def test_an_entry_cut_short_is_replaced(tmp_path):
+    cache = tmp_path / "cache"
+    folder = _folder(tmp_path)
+    first = prepare_model(_settings(folder, cache))
+    entry = quantized_cache.entry_dir(cache, first.model_id, "int4")
+    (entry / "meta.json").unlink()  # the folder is there, its writing was not finished
+    assert not prepare_model(_settings(folder, cache)).from_quantized_cache
+    assert (entry / "meta.json").is_file()  # written again: the rename could not before
+    assert prepare_model(_settings(folder, cache)).from_quantized_cache

@@ -16,6 +16,7 @@ Later loads read the cache (~0.3 s for SmolLM2).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -68,7 +69,10 @@ def _memo_sha256(path: Path, root: Path) -> str:
     memo = root / ".sha256" / hashlib.sha256(key.encode()).hexdigest()
     if memo.is_file():
         sweep_stale(memo)  # no write of it comes again to sweep what a killed one left
-        remembered = memo.read_text().strip()
+        try:
+            remembered = memo.read_text().strip()
+        except (OSError, UnicodeDecodeError):  # damaged: hash again, and rewrite it
+            remembered = ""
         if re.fullmatch(r"[0-9a-f]{64}", remembered):  # not a write cut short
             return remembered
     digest = sha256_file(path)
@@ -78,7 +82,8 @@ def _memo_sha256(path: Path, root: Path) -> str:
         partial.write_text(digest)
         os.replace(partial, memo)  # whole or not at all
     except OSError as exc:  # a read-only or full cache: hash again next time
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (no folder to unlink from, even)
+            partial.unlink(missing_ok=True)
         log.warning("could not remember the sha256 of %s in %s: %s", path, memo, exc)
     return digest
 
@@ -164,6 +169,9 @@ def _ensure_converted(target: Path, make_gguf: Any, origin: dict[str, Any]) -> b
     with FileLock(str(target.parent / f".{target.name}.lock")):
         if (target / "config.json").is_file():  # another process converted meanwhile
             return False
+        # A folder without config.json is a conversion cut short (or damaged): the
+        # rename into place cannot replace it, so every later start would fail.
+        shutil.rmtree(target, ignore_errors=True)
         gguf, temporary = make_gguf()
         try:
             convert_gguf(gguf, target, origin)
@@ -289,7 +297,16 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     root = default_cache_root(settings.cache_dir)
-    resolved = resolve_source(settings, root)
+    try:
+        resolved = resolve_source(settings, root)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:  # a broken file, an unusable cache
+        raise ConfigError(
+            f"model.source {settings.source!r} (cache {root}): {str(exc).rstrip('.')}; "
+            "check model.source "
+            "and model.cache_dir"
+        ) from exc
     try:
         model, tokenizer = _from_pretrained(
             resolved.location, settings.quantization, **(resolved.hub_kwargs or {})

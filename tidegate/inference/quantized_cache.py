@@ -81,6 +81,9 @@ def store(model: nn.Module, target: Path, origin: dict[str, Any]) -> None:
     with FileLock(str(target.parent / f".{target.name}.lock")):
         if (target / "meta.json").is_file():
             return
+        # A folder without its meta.json is an entry whose writing was cut short (or
+        # damaged): the rename below cannot replace it, so it goes first.
+        shutil.rmtree(target, ignore_errors=True)
         partial = partial_path(target)
         shutil.rmtree(partial, ignore_errors=True)
         try:
