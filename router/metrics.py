@@ -56,6 +56,12 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+# The label of requests that name no tenant. Not "default": a tenant may be called
+# that (budgets.tenants takes any name), and two series with one label set make
+# Prometheus reject the whole scrape.
+NO_TENANT = "(none)"
+
+
 class TenantLabels:
     """At most ``limit`` distinct tenant label values; later ones are "other"."""
 
@@ -64,7 +70,7 @@ class TenantLabels:
         self._seen: set[str] = set()
 
     def __call__(self, tenant: str) -> str:
-        label = tenant or "default"
+        label = tenant or NO_TENANT
         if label in self._seen:
             return label
         if len(self._seen) < self.limit:
@@ -276,7 +282,7 @@ class RouterCollector(Collector):
             "tidegate_budget_limit", "A tenant's limit per window.", labels=labels
         )
         for usage in self.state.budgets:
-            key = [usage.tenant or "default", usage.window, usage.unit]
+            key = [usage.tenant or NO_TENANT, usage.window, usage.unit]
             remaining.add_metric(key, usage.remaining)
             limit.add_metric(key, usage.limit)
         yield remaining

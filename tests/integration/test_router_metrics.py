@@ -116,7 +116,7 @@ async def test_a_failing_node_shows_unhealthy_and_cooled_down(stack):
     assert m.value("tidegate_node_healthy", node="cloud0", tier="cloud") == 0
     assert 50 < m.value("tidegate_node_cooldown_seconds", node="cloud0", tier="cloud") <= 60
     assert m.value("tidegate_node_consecutive_failures", node="cloud0", tier="cloud") >= 1
-    assert m.value("tidegate_request_errors_total", code="UNAVAILABLE", tenant="default") == 1
+    assert m.value("tidegate_request_errors_total", code="UNAVAILABLE", tenant="(none)") == 1
 
 
 async def test_budget_remaining(stack):
@@ -185,3 +185,20 @@ async def test_metrics_can_be_turned_off(stack):
     cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
     await stack.router([], [cloud_server.address], metrics={"enabled": False})
     assert stack.server.metrics_url is None
+
+
+async def test_a_tenant_named_default_and_requests_without_a_tenant_are_two_series(stack):
+    cloud_server = await stack.node("cloud", cloud_backend(), estimator=None)
+    await stack.router(
+        [],
+        [cloud_server.address],
+        budgets={
+            "default": {"cloud_tokens_per_minute": 1000},
+            "tenants": [{"tenant": "default", "cloud_tokens_per_minute": 5000}],
+        },
+    )
+    scraped = await scrape(stack.server.metrics_url)  # Scrape's parser refuses duplicates…
+    window = {"window": "minute", "unit": "cloud_tokens"}
+    # …and each label set is one series: the tenant "default" and the requests naming none
+    assert scraped.value("tidegate_budget_limit", tenant="default", **window) == 5000
+    assert scraped.value("tidegate_budget_limit", tenant="(none)", **window) == 1000
