@@ -55,8 +55,8 @@ def test_what_an_answer_counts():
     assert sample(m, "tidegate_cloud_tokens_total", tenant="acme", kind="prompt") == 10
     assert sample(m, "tidegate_answer_flags_total", flag="coalesced") == 1
     errors = "tidegate_request_errors_total"
-    assert sample(m, errors, rpc="generate", code="RESOURCE_EXHAUSTED", tenant="default") == 1
-    assert sample(m, errors, rpc="generate", code="INTERNAL", tenant="default") == 1
+    assert sample(m, errors, rpc="generate", code="RESOURCE_EXHAUSTED", tenant="(none)") == 1
+    assert sample(m, errors, rpc="generate", code="INTERNAL", tenant="(none)") == 1
     overhead = "tidegate_router_overhead_seconds_sum"
     assert sample(m, overhead, rpc="generate", tier="cloud") == pytest.approx(0.001)
     assert b"tidegate_request_duration_seconds_bucket" in generate_latest(m.registry)
@@ -64,7 +64,7 @@ def test_what_an_answer_counts():
 
 def test_tenant_labels_are_capped_and_stable():
     labels = TenantLabels(2)
-    assert [labels(t) for t in ("a", "", "b", "a", "c")] == ["a", "default", "other", "a", "other"]
+    assert [labels(t) for t in ("a", "", "b", "a", "c")] == ["a", "(none)", "other", "a", "other"]
 
 
 def test_routers_in_one_process_do_not_share_metrics():
