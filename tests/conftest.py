@@ -26,3 +26,15 @@ async def tiny_cloud_node():
     yield server
     await server.stop(0)
     await backend.close()
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Loading a model fails the test: these errors must come before any model loads."""
+    from tidegate.evaluation import runner
+
+    def refuse(*_args):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(runner, "_load_edge", refuse)
+    monkeypatch.setattr(runner, "_load_cloud", refuse)

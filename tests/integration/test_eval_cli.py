@@ -212,18 +212,6 @@ def test_calibrate_on_a_data_file_scores_with_the_weights_it_just_fitted(
 # ---- errors that come before any model loads ------------------------------------------------
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Loading a model fails the test: these errors must come before any model loads."""
-    from tidegate.evaluation import runner
-
-    def refuse(*_args):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(runner, "_load_edge", refuse)
-    monkeypatch.setattr(runner, "_load_cloud", refuse)
-
-
 ONE_ITEM = b'{"id": "a", "question": "q", "answers": ["x"], "split": "calib"}\n'
 
 

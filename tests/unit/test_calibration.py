@@ -531,18 +531,6 @@ def test_calibrate_writes_a_policy_section_before_a_document_end(tmp_path, capsy
 # ---- --data / --items that are not what they should be -------------------------------------
 
 
-@pytest.fixture
-def no_models(monkeypatch):
-    """Loading a model fails the test: errors must come before any model loads."""
-    from tidegate.evaluation import runner
-
-    def refuse(*_args):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(runner, "_load_edge", refuse)
-    monkeypatch.setattr(runner, "_load_cloud", refuse)
-
-
 @pytest.mark.parametrize(
     ("content", "says"),
     [
